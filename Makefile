@@ -1,0 +1,43 @@
+# Both targets create and fill .venv themselves when it is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+# Tests use all cores; sharding tests set their own fake-device count.
+TEST_WORKERS ?= auto
+
+.PHONY: demo test lint format venv clean bench
+
+venv: $(STAMP)
+
+# torch==2.13.0 goes in first: bert-score depends on torch, and without a CPU torch already
+# installed pip would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m elmjax.demo --workdir $(DEMO_DIR)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -n $(TEST_WORKERS) -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(PY) benchmarks/preprocess.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
