@@ -1,0 +1,1 @@
+"""Data side of elmjax: conversation sources, prepared shards and the input pipeline."""
