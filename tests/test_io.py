@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import datetime
 import shutil
 
 import h5py
@@ -367,3 +369,318 @@ def test_layout_errors():
 
 def test_lead_upper_names_match_canonical_order():
     assert [io.canonical_lead(n) for n in LEADS_UPPER] == list(io.CANONICAL_LEADS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast path: strict header parser + direct data reading, bit-identical to the wfdb path
+# ---------------------------------------------------------------------------------------------
+
+
+def _outcome(read, base, **kwargs):
+    """What a reader gives: ("ok", Record) or ("error", message)."""
+    try:
+        return "ok", read(base, **kwargs)
+    except io.ECGReadError as e:
+        return "error", str(e)
+
+
+def assert_same_as_wfdb(base, **kwargs) -> io.Record | None:
+    """read_record and the wfdb-only path give bit-identical records (or the same error)."""
+    fast_kind, fast = _outcome(io.read_record, base, **kwargs)
+    slow_kind, slow = _outcome(io._read_with_wfdb, base, **kwargs)
+    assert fast_kind == slow_kind, (fast, slow)
+    if fast_kind == "error":
+        assert fast == slow
+        return None
+    assert fast.signal.dtype == slow.signal.dtype == np.float32
+    np.testing.assert_array_equal(fast.signal, slow.signal, strict=True)
+    assert fast.signal.tobytes() == slow.signal.tobytes()  # also NaN payloads and signed zeros
+    assert (fast.fs, type(fast.fs)) == (slow.fs, type(slow.fs))
+    assert fast.leads_present == slow.leads_present
+    assert fast.leads_missing == slow.leads_missing
+    assert fast.meta == slow.meta and fast.path == slow.path
+    return fast
+
+
+def _uses_fast_path(base) -> bool:
+    """True when read_record reads this record without wfdb."""
+    text = base.with_name(base.name + ".hea").read_bytes().decode("ascii", "ignore")
+    header = io._parse_header(text)
+    return header is not None and io._read_direct(str(base), header) is not None
+
+
+def _wrsamp(directory, name, x, *, fmt="16", gain=1000.0, baseline=0, units="mV", **kwargs):
+    c = x.shape[1]
+    wfdb.wrsamp(
+        name,
+        fs=kwargs.pop("fs", 500),
+        units=[units] * c,
+        sig_name=kwargs.pop("names", LEADS_UPPER[:c]),
+        p_signal=x,
+        fmt=[fmt] * c,
+        adc_gain=[gain] * c if np.isscalar(gain) else list(gain),
+        baseline=[baseline] * c if np.isscalar(baseline) else list(baseline),
+        write_dir=str(directory),
+        **kwargs,
+    )
+    return directory / name
+
+
+@pytest.mark.parametrize(
+    ("fmt", "gain", "baseline", "units", "scale"),
+    [
+        ("16", 1000.0, 0, "mV", 1.0),
+        ("16", 200.0, 1024, "mV", 1.0),
+        ("16", 655.36, -500, "mV", 1.0),
+        ("16", [100.0, 250.0, 400.0] * 4, list(range(-6, 6)), "mV", 1.0),
+        ("16", 1.0, 0, "uV", 1000.0),
+        ("16", 1e6, 17, "V", 1e-3),
+        ("80", 40.0, 3, "mV", 0.9),
+        ("24", 100000.0, 12345, "mV", 1.0),
+        ("32", 1e6, -7, "mV", 1.0),
+    ],
+)
+def test_fast_path_matches_wfdb_for_wrsamp_records(tmp_path, fmt, gain, baseline, units, scale):
+    x = ecg_like(3000) * scale
+    x[1000:1010, 4] = np.nan  # written as the format's invalid-sample value
+    base = _wrsamp(tmp_path, "r", x, fmt=fmt, gain=gain, baseline=baseline, units=units)
+    assert _uses_fast_path(base)
+    rec = assert_same_as_wfdb(base, nan_gaps="interpolate")
+    assert rec.meta["nan_filled"] == {"aVL": 10}
+    assert_same_as_wfdb(base)  # the same NaN-gap error from both
+
+
+def test_fast_path_matches_wfdb_with_time_date_comments_and_byte_offset(tmp_path):
+    x = ecg_like(2000, c=12)
+    base = _wrsamp(
+        tmp_path,
+        "t",
+        x,
+        base_time=datetime.time(13, 5, 7, 250000),
+        base_date=datetime.date(2001, 2, 3),
+        comments=["<age>: 63 <sex>: F", "Reason for admission: none"],
+    )
+    rec = assert_same_as_wfdb(base)
+    assert rec.meta["base_datetime"] == "2001-02-03 13:05:07.250000"
+    assert rec.meta["age"] == 63 and rec.meta["sex"] == "F"
+    # the same data behind a 24-byte prefix, declared as a byte offset on every signal
+    dat = base.with_name("t.dat")
+    dat.write_bytes(b"\x07" * 24 + dat.read_bytes())
+    hea = base.with_name("t.hea")
+    hea.write_text(hea.read_text().replace("t.dat 16 ", "t.dat 16+24 "))
+    assert _uses_fast_path(base)
+    np.testing.assert_array_equal(assert_same_as_wfdb(base).signal, rec.signal)
+
+
+def test_fast_path_matches_wfdb_for_conftest_and_synth_records(tmp_path):
+    from elmjax.ecg import synth
+
+    x = ecg_like(5000, seed=3)
+    write_wfdb(tmp_path, "conf", x, comments=["age: 40"])
+    synth.write_wfdb(tmp_path / "syn", x.T, 500)
+    for name in ("conf", "syn"):
+        assert _uses_fast_path(tmp_path / name)
+        rec = assert_same_as_wfdb(tmp_path / name)
+        assert rec.leads_present == io.CANONICAL_LEADS
+        np.testing.assert_allclose(rec.signal, x.T, atol=0.51e-3)
+
+
+def test_fast_path_invalid_samples_become_nan_like_wfdb(tmp_path):
+    base = write_wfdb(tmp_path, "inv", ecg_like(1000))
+    digital = np.memmap(base.with_name("inv.dat"), dtype="<i2", mode="r+", shape=(1000, 12))
+    digital[200:205, 7] = -32768  # WFDB's "no sample" value for format 16
+    digital[0, 0] = -32767  # the lowest valid value stays a number
+    digital.flush()
+    del digital
+    rec = assert_same_as_wfdb(base, nan_gaps="interpolate", max_abs_mv=40.0)
+    assert rec.meta["nan_filled"] == {"V2": 5}
+    assert rec.signal[0, 0] == np.float32(-32.767)
+    kind, message = _outcome(io.read_record, base)
+    assert kind == "error" and "lead V2 has 5 NaN samples" in message
+    assert_same_as_wfdb(base)
+
+
+def test_real_records_use_the_fast_path_or_fall_back(shared_data):
+    mimic2 = shared_data / "wfdb" / "3000003_0003"  # format 80: read directly
+    assert _uses_fast_path(mimic2)
+    rec = assert_same_as_wfdb(mimic2)
+    assert rec.meta["base_datetime"] == "19:46:25.757000"
+    mitbih = shared_data / "wfdb" / "100"  # format 212: read by wfdb
+    assert not _uses_fast_path(mitbih)
+    assert assert_same_as_wfdb(mitbih).leads_present == ("II", "V5")
+
+
+def test_format16_never_touches_wfdb_and_format212_falls_back(tmp_path, monkeypatch):
+    x = ecg_like(1000)
+    fmt16 = write_wfdb(tmp_path, "a", x)
+    fmt212 = write_wfdb(tmp_path, "b", x, fmt="212", gain=200.0)
+    want212 = io.read_record(fmt212)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("wfdb must not be used here")
+
+    monkeypatch.setattr(io.wfdb, "rdheader", broken)
+    monkeypatch.setattr(io.wfdb, "rdrecord", broken)
+    rec = io.read_record(fmt16)
+    assert calls == [] and rec.leads_present == io.CANONICAL_LEADS
+    with pytest.raises(io.ECGReadError, match="wfdb could not read the record"):
+        io.read_record(fmt212)  # its header parses, its data goes to wfdb.rdrecord
+    assert len(calls) == 1
+    monkeypatch.undo()
+    np.testing.assert_array_equal(io.read_record(fmt212).signal, want212.signal)
+
+
+def test_unreadable_data_file_is_left_to_wfdb(tmp_path, monkeypatch):
+    base = write_wfdb(tmp_path, "r", ecg_like(1000))
+    want = io.read_record(base)
+
+    def unreadable(*args):
+        raise PermissionError("no access")
+
+    monkeypatch.setattr(io, "_read_direct", unreadable)
+    np.testing.assert_array_equal(io.read_record(base).signal, want.signal)
+
+
+def test_fast_path_gives_the_same_errors(tmp_path):
+    def fresh(name, **kwargs):
+        return write_wfdb(tmp_path, name, ecg_like(1000), **kwargs)
+
+    cases = {}
+    cases["truncated"] = fresh("truncated")
+    dat = tmp_path / "truncated.dat"
+    dat.write_bytes(dat.read_bytes()[:5000])
+    cases["mismatch"] = fresh("mismatch")
+    _edit_header(cases["mismatch"], " 1000", " 500")
+    cases["nodat"] = fresh("nodat")
+    (tmp_path / "nodat.dat").unlink()
+    cases["zero"] = fresh("zero")
+    _edit_header(cases["zero"], " 1000", " 0")
+    (tmp_path / "zero.dat").write_bytes(b"")
+    cases["fs"] = fresh("fs")
+    _edit_header(cases["fs"], " 500 ", " abc ")
+    cases["date"] = fresh("date")
+    _edit_header(cases["date"], " 1000", " 1000 10:00:00 31/02/2020")
+    cases["names"] = write_wfdb(tmp_path, "names", ecg_like(500, c=3), names=["I", "II", "FOO"])
+    x = ecg_like(1000)
+    x[:, 3] = 0.25
+    cases["flat"] = write_wfdb(tmp_path, "flat", x)
+    cases["padding"] = fresh("padding")  # up to 4 extra bytes are tolerated by both
+    with open(tmp_path / "padding.dat", "ab") as f:
+        f.write(b"\0\0\0")
+    messages = {}
+    for name, base in cases.items():
+        assert_same_as_wfdb(base)
+        messages[name] = _outcome(io.read_record, base)[1]
+    assert "data file is truncated" in messages["truncated"]
+    assert "header/data length mismatch" in messages["mismatch"]
+    assert "data file named by" in messages["nodat"]
+    assert "zero samples" in messages["zero"]
+    assert "sampling frequency 'abc'" in messages["fs"]
+    assert "malformed header" in messages["date"]
+    assert "unknown lead name 'FOO'" in messages["names"]
+    assert "lead aVR: flat line" in messages["flat"]
+    assert isinstance(messages["padding"], io.Record)
+    assert_same_as_wfdb(cases["flat"], bad_leads="drop")
+    assert_same_as_wfdb(cases["names"], unknown_leads="drop")
+
+
+# Header texts the strict parser accepts; each must give exactly wfdb.rdheader's fields.
+ACCEPTED_HEADERS = {
+    "wrsamp": "r 2 500 1000\nr.dat 16 1000.0(0)/mV 16 0 -119 1508 0 I\n"
+    "r.dat 16 1000.0(0)/mV 16 0 12 -3 0 II\n",
+    "no_baseline_uses_adc_zero": "r 1 360 100\nr.dat 16 200/mV 11 1024 995 -22131 0 MLII\n",
+    "no_units_is_mV": "r 1 250.0 100\nr.dat 16 200(5) 12 0 0 0 0 V1\n",
+    "gain_zero_is_200": "r 1 250.5 100\nr.dat 16 0(3)/uV 12 0 0 0 0 V1\n",
+    "exponent_gain": "r 1 500 100\nr.dat 16 1.5e3(-7)/mV 16 0 0 0 0 I\n",
+    "bare_gain": "r 1 500 100\nr.dat 16 200 16 -12 0 0 0 I\n",
+    "format_suffixes": "r 2 500 100\nr.dat 16x1:0+24 200/mV 16 0 0 0 0 I\n"
+    "r.dat 16x2:3 200/mV 16 0 0 0 0 II\n",
+    "counter_freq": "r 1 128/1000(5.5) 100\nr.dat 16 200/mV 16 0 0 0 0 I\n",
+    "time_and_date": "r 1 500 100 8:05:02.5 1/2/2003\nr.dat 16 200/mV 16 0 0 0 0 I\n",
+    "seconds_only": "r 1 500 100 7\nr.dat 16 200/mV 16 0 0 0 0 I\n",
+    "comments_and_spacing": "# before\n\nr\t1  500 100\r\n#\n##  after ##\nr.dat\t16 200/mV "
+    "16 0 0 0 0 chest lead V1\r\n#<age>: 50 \n",
+    "non_ascii_is_dropped": "# caf\u00e9\nr 1 500 100\nr.dat 16 200/\u00b5V 16 0 0 0 0 I\n",
+    "two_files_212": "r 2 500 100\na.dat 212 200 12 0 0 0 0 I\nb.dat 212 200 12 0 0 0 0 II\n",
+}
+# Header texts outside the strict syntax: parsed by wfdb (which may also reject them).
+REJECTED_HEADERS = {
+    "multi_segment": "r/2 1 500 200\ns1 100\ns2 100\n",
+    "no_length": "r 1 500\nr.dat 16 200/mV 16 0 0 0 0 I\n",
+    "no_fs": "r 1\nr.dat 16 200/mV 16 0 0 0 0 I\n",
+    "short_signal_line": "r 1 500 100\nr.dat 16 200/mV I\n",
+    "no_description": "r 1 500 100\nr.dat 16 200/mV 16 0 0 0 0\n",
+    "tab_in_description": "r 1 500 100\nr.dat 16 200/mV 16 0 0 0 0 I\tx\n",
+    "no_file": "r 1 500 100\n~ 16 200/mV 16 0 0 0 0 I\n",
+    "plus_gain": "r 1 500 100\nr.dat 16 +200/mV 16 0 0 0 0 I\n",
+    "negative_adc_res": "r 1 500 100\nr.dat 16 200/mV -16 0 0 0 0 I\n",
+    "units_without_slash": "r 1 500 100\nr.dat 16 200mV 16 0 0 0 0 I\n",
+    "three_digit_time": "r 1 500 100 123\nr.dat 16 200/mV 16 0 0 0 0 I\n",
+    "bad_date": "r 1 500 100 0:0:0 31/02/2020\nr.dat 16 200/mV 16 0 0 0 0 I\n",
+    "too_few_signal_lines": "r 2 500 100\nr.dat 16 200/mV 16 0 0 0 0 I\n",
+    "zero_signals": "r 0 500 100\n",
+    "junk_after_date": "r 1 500 100 0:0:0 1/1/2000 x\nr.dat 16 200/mV 16 0 0 0 0 I\n",
+}
+
+
+def _rdheader_fields(path):
+    header = wfdb.rdheader(str(path))
+    return {f.name: getattr(header, f.name) for f in dataclasses.fields(io._Header)}
+
+
+def _typed(value):
+    """A value with the types of its items, so that 500 and 500.0 compare different."""
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    return (type(value).__name__, value)
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED_HEADERS))
+def test_header_parser_gives_wfdb_rdheader_fields(tmp_path, name):
+    hea = tmp_path / "r.hea"
+    hea.write_bytes(ACCEPTED_HEADERS[name].encode("utf-8"))
+    header = io._parse_header(hea.read_bytes().decode("ascii", "ignore"))
+    assert header is not None
+    want = _rdheader_fields(tmp_path / "r")
+    got = dataclasses.asdict(header)
+    assert {k: _typed(v) for k, v in got.items()} == {k: _typed(v) for k, v in want.items()}
+
+
+def test_header_parser_gives_wfdb_rdheader_fields_of_real_headers(shared_data):
+    for name in ("100", "3000003_0003"):
+        text = (shared_data / "wfdb" / f"{name}.hea").read_bytes().decode("ascii", "ignore")
+        got = dataclasses.asdict(io._parse_header(text))
+        want = _rdheader_fields(shared_data / "wfdb" / name)
+        assert {k: _typed(v) for k, v in got.items()} == {k: _typed(v) for k, v in want.items()}
+
+
+@pytest.mark.parametrize("name", sorted(REJECTED_HEADERS))
+def test_header_parser_leaves_other_syntax_to_wfdb(name):
+    assert io._parse_header(REJECTED_HEADERS[name]) is None
+
+
+def test_unusual_layouts_fall_back_and_match_wfdb(tmp_path):
+    x = ecg_like(1000, c=3)
+    names = ["I", "II", "III"]
+    skewed = _wrsamp(tmp_path, "skew", x, names=names)
+    _edit_header(skewed, "skew.dat 16 ", "skew.dat 16:2 ")  # first signal skewed by 2
+    wfdb.wrsamp(
+        "two",
+        fs=500,
+        units=["mV"] * 3,
+        sig_name=names,
+        p_signal=x,
+        fmt=["16", "16", "212"],
+        adc_gain=[1000.0, 1000.0, 200.0],
+        baseline=[0] * 3,
+        write_dir=str(tmp_path),
+    )
+    two_files = tmp_path / "two"
+    assert (tmp_path / "two_1.dat").exists() and (tmp_path / "two_2.dat").exists()
+    odd_syntax = _wrsamp(tmp_path, "odd", x, names=names)
+    _edit_header(odd_syntax, "1000.0(0)/mV", "1000.0(0)mV")  # units without "/"
+    for base in (skewed, two_files, odd_syntax):
+        assert not _uses_fast_path(base)
+        assert_same_as_wfdb(base, bad_leads="drop", nan_gaps="interpolate")

@@ -3,6 +3,7 @@ behaviour on known signals, segmentation, batching, low sampling rates, and the 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from conftest import REPO, ecg_like, write_wfdb
 from scipy import signal
 
-from elmjax.ecg import io, reference_loop
+from elmjax.ecg import io, reference_loop, synth
 from elmjax.ecg import preprocess as pp
 
 STANDARD = pp.PreprocessConfig()
@@ -378,3 +379,38 @@ def test_cli_module_with_two_workers_matches_one_worker(corpus, tmp_path):
         [*command, "--mode", "reference"], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert refused.returncode == 2 and "different settings" in refused.stderr
+
+
+def test_cli_on_a_synthetic_ptbxl_corpus_skips_a_record_without_data(tmp_path):
+    data, out = tmp_path / "synth", tmp_path / "out"
+    synth.generate_corpus(data, num_ecgs=6, seed=1, workers=1, progress=False)
+    with open(data / "ptbxl_database.csv", newline="") as f:
+        table = {row["ecg_id"]: row for row in csv.DictReader(f)}
+    assert sorted(table, key=int) == ["1", "2", "3", "4", "5", "6"]
+    gone = data / table["3"]["filename_hr"]
+    os.remove(f"{gone}.dat")
+
+    argv = ["--layout", "ptbxl", "--input", str(data), "--out", str(out), "--seg-len", "1250"]
+    assert pp.main([*argv, "--workers", "1", "--chunk-size", "4", "--quiet"]) == 0
+
+    report = json.loads((out / "report.json").read_text())
+    counts = report["counts"]
+    assert (counts["records_listed"], counts["records_ok"], counts["records_skipped"]) == (6, 5, 1)
+    assert counts["segments"] == 10  # 10 s at 250 Hz = two 1250-sample segments per record
+    [skipped] = report["skipped"]
+    assert skipped["record_id"] == "3"
+    assert skipped["path"] == f"{gone}.dat"
+    assert skipped["reason"] == f"data file named by {gone}.hea not found"
+
+    rows, fetch = pp.load_segments(out)
+    kept = ["1", "2", "4", "5", "6"]
+    assert [(r["record_id"], r["segment"]) for r in rows] == [(i, s) for i in kept for s in (0, 1)]
+    for row in rows:
+        source = table[row["record_id"]]
+        assert row["patient_id"] == str(int(float(source["patient_id"])))
+        assert row["report"] == source["report"]
+        assert row["path"] == str(data / source["filename_hr"])
+        assert row["source_fs"] == 500.0 and row["source_samples"] == 5000
+        assert row["leads_missing"] == []
+    assert any(r["patient_id"] != r["record_id"] for r in rows)  # ids from the table
+    assert all(fetch(i).shape == (12, 1250) and np.isfinite(fetch(i)).all() for i in range(10))
