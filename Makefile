@@ -38,6 +38,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
