@@ -28,10 +28,10 @@ segment_ids int32  1, 2, ... for the examples packed in a row; 0 on padding
 positions  int32   position within its own example (restarts at 0 for each example)
 ========== ======= ==================================================================
 
-plus, in ``pad`` mode, any other array field of the examples (e.g. ``signal`` ``[12, L]``
-float16) stacked along the batch axis. ``pack`` (first-fit packing of several examples per row)
-is the default for the symbolic path; ``pad`` puts one example per row (needed when an example
-carries a per-example array such as the signal).
+plus, in ``pad`` mode, the per-example model inputs the examples carry (:data:`MODEL_INPUTS`:
+``signal`` ``[12, L]`` float16, ``image``) stacked along the batch axis. ``pack`` (first-fit
+packing of several examples per row) is the default for the symbolic path; ``pad`` puts one
+example per row (needed when an example carries a per-example array such as the signal).
 
 Sharding over hosts: host ``i`` of ``n`` reads examples ``i, i + n, i + 2n, ...`` of the
 concatenated shards, so hosts never see the same example and need no coordination. The
@@ -54,6 +54,7 @@ import numpy as np
 from elmjax.data import records
 
 SEQUENCE_KEYS = ("inputs", "targets", "loss_mask")
+MODEL_INPUTS = ("signal", "image")  # per-example arrays that reach the model (pad mode only)
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -132,9 +133,9 @@ def next_token_example(data: bytes, *, seq_len: int) -> dict[str, np.ndarray]:
         "targets": ids[1:],
         "loss_mask": mask[1:].astype(np.float32),
     }
-    for key, value in example.items():  # per-example arrays (signal, ...); strings dropped
-        if isinstance(value, np.ndarray):
-            out[key] = value
+    for key in MODEL_INPUTS:  # per-example model inputs; ids, spans and strings stay behind
+        if key in example:
+            out[key] = np.asarray(example[key])
     return out
 
 

@@ -1,0 +1,726 @@
+"""Records -> preprocessed segments -> tokenizers -> tokenized conversations -> shards.
+
+    python -m elmjax.prepare --config=configs/ecgbyte_1024.py[:demo] [--config.x.y=...]
+
+Steps (each resumable; a rerun redoes only what is missing):
+
+1. the data set: the built-in synthetic one is generated when missing (``data.generate_ecgs``);
+2. records -> 250 Hz segments of ``data.seg_len`` samples (:func:`elmjax.ecg.preprocess.run`,
+   parallel, with its own ``report.json`` of skipped records);
+3. conversations from the configured source (:mod:`elmjax.data.sources`), linked to the
+   segments of their record, split by patient, capped, optionally grouped per segment;
+4. the ECG-Byte tokenizer: loaded, imported from the reference's pickle, or trained on the
+   TRAIN split's segments only;
+5. the text tokenizer: a local Hugging Face directory, or (demo) one trained on the train text;
+6. every needed segment -> ECG ids (batched, multi-core); every conversation -> an example
+   through :func:`elmjax.tokenize.text.build_example` (the one function that evaluation and chat
+   call too) -> ArrayRecord shards ``{split}-NNNNN-of-MMMMM.array_record`` written in parallel;
+7. ``manifest.json``: counts, token-length statistics, the config hash and both tokenizer
+   hashes; ``report.json``: every skipped example and why.
+
+Outputs under ``workdir``: ``segments/``, ``tokenizers/{ecgbyte.json,text/}``, ``shards/``.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import app
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from elmjax.data import pipeline, records, sources
+from elmjax.ecg import preprocess, synth
+from elmjax.tokenize import ecgbyte, text
+
+SHARD_FORMAT = "elmjax-shards/1"
+SPLITS = ("train", "valid", "test")
+
+
+class PrepareError(RuntimeError):
+    """A preparation step cannot go on (the message says what to fix)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings and hashes
+# ----------------------------------------------------------------------------------------------
+
+
+def shard_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config fields that determine the shards' content (hashed into the manifest)."""
+    return {
+        "representation": cfg.representation,
+        "data": cfg.data.to_dict(),
+        "ecg_tokenizer": cfg.ecg_tokenizer.to_dict(),
+        "text": cfg.text.to_dict(),
+        "budget": cfg.budget,
+        "truncation": cfg.truncation,
+        "seed": cfg.seed,
+    }
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """sha256 of the settings' canonical JSON."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def directory_hash(path: Path) -> str:
+    """sha256 over the names and bytes of the files of a directory (the text tokenizer)."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(file.relative_to(path).as_posix().encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps 1-3: data, segments, conversations
+# ----------------------------------------------------------------------------------------------
+
+
+def ensure_data(cfg: ml_collections.ConfigDict) -> Path:
+    """The data root; generates the synthetic set there when the config asks and it is missing."""
+    root = Path(cfg.data.root)
+    if cfg.data.source == "synthetic" and not (root / "ptbxl_database.csv").exists():
+        if cfg.data.generate_ecgs <= 0:
+            raise PrepareError(f"{root}: no synthetic data set and data.generate_ecgs is 0")
+        print(f"generating {cfg.data.generate_ecgs} synthetic ECGs in {root}")
+        synth.generate_corpus(
+            root, num_ecgs=cfg.data.generate_ecgs, seed=cfg.seed, workers=cfg.data.workers
+        )
+    if not root.is_dir():
+        raise PrepareError(f"data.root {root} does not exist")
+    return root
+
+
+def make_segments(cfg: ml_collections.ConfigDict, root: Path, workdir: Path) -> Path:
+    """Preprocesses the records into ``workdir/segments`` (resumable)."""
+    out = workdir / "segments"
+    pp_cfg = preprocess.PreprocessConfig(
+        target_fs=cfg.data.target_fs, seg_len=cfg.data.seg_len, mode=cfg.data.preprocess_mode
+    )
+    report = preprocess.run(cfg.data.layout, root, out, pp_cfg, workers=cfg.data.workers)
+    counts = report["counts"]
+    print(
+        f"segments: {counts['segments']} from {counts['records_ok']} records "
+        f"({counts['records_skipped']} skipped, see {out / 'report.json'})"
+    )
+    return out
+
+
+def load_conversations(
+    cfg: ml_collections.ConfigDict, root: Path
+) -> tuple[list[sources.Conversation], dict[str, Any]]:
+    """Reads the configured source into conversations."""
+    name, qa_root = cfg.data.source, Path(cfg.data.qa_root or root)
+    if name == "synthetic":
+        return sources.load_synthetic(root)
+    if name in ("ecgqa-ptbxl", "ecgqa-mimic"):
+        dataset = "ptbxl" if name == "ecgqa-ptbxl" else "mimic-iv-ecg"
+        ecgqa_dir = qa_root / "ecgqa" if (qa_root / "ecgqa").is_dir() else qa_root
+        return sources.load_ecgqa(ecgqa_dir, root, dataset)
+    if name == "pulse":
+        return sources.load_pulse(qa_root / "ECGInstruct.json", {cfg.data.layout: str(root)})
+    if name == "ecg-chat":
+        files = [qa_root / "pretrain_mimic.json", qa_root / "ecg_instruct_45k.json"]
+        convs, reports = [], []
+        for file in files:
+            if file.exists():
+                c, r = sources.load_ecg_chat(file, root)
+                convs.extend(c)
+                reports.append(r)
+        if not reports:
+            raise PrepareError(f"{qa_root}: none of {[f.name for f in files]} found")
+        return convs, {"source": name, "files": reports}
+    raise PrepareError(f"unknown data.source {name!r}; use one of {', '.join(SOURCES)}")
+
+
+def segment_index(seg_dir: Path, root: Path) -> tuple[dict[str, list[int]], list, Any]:
+    """Record (relative to the data root) -> its segment rows in order, plus the rows/fetch."""
+    rows, fetch = preprocess.load_segments(seg_dir)
+    by_record: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    root_abs = root.resolve()
+    for i, row in enumerate(rows):
+        path = Path(row["path"])
+        try:
+            key = path.resolve().relative_to(root_abs).as_posix()
+        except ValueError:
+            key = row["path"]
+        by_record[key].append((int(row["segment"]), i))
+    return {k: [i for _, i in sorted(v)] for k, v in by_record.items()}, rows, fetch
+
+
+def link_and_split(
+    cfg: ml_collections.ConfigDict,
+    convs: list[sources.Conversation],
+    segs_by_record: dict[str, list[int]],
+) -> tuple[dict[str, list[sources.Conversation]], dict[str, Any]]:
+    """Links conversations to segments, splits by patient and applies the caps."""
+    report: dict[str, Any] = {}
+    if cfg.data.segments == "all":
+        counts = {k: len(v) for k, v in segs_by_record.items()}
+        convs, report["segments"] = sources.expand_segments(convs, counts)
+    elif cfg.data.segments == "first":
+        kept = [dataclasses.replace(c, segment=0) for c in convs if segs_by_record.get(c.record)]
+        report["segments"] = {
+            "conversations": len(convs),
+            "without_segments": len(convs) - len(kept),
+        }
+        convs = kept
+    else:
+        raise PrepareError(f"data.segments must be 'all' or 'first', got {cfg.data.segments!r}")
+
+    fractions = dict(cfg.data.split_fractions)
+    if cfg.data.split == "published":
+        splits, report["split"] = sources.split_published(convs, fractions, cfg.seed)
+    elif cfg.data.split == "patient":
+        splits = sources.split_by_patient(convs, fractions, cfg.seed)
+        report["split"] = {"overlap": sources.patient_overlap(splits)}
+    else:
+        raise PrepareError(f"data.split must be 'published' or 'patient', got {cfg.data.split!r}")
+
+    caps = dict(cfg.data.max_examples)
+    rng = np.random.default_rng(cfg.seed)
+    for split in list(splits):
+        items = splits[split]
+        cap = caps.get(split)
+        if cap is not None and len(items) > cap:
+            keep = np.sort(rng.choice(len(items), cap, replace=False))
+            splits[split] = [items[i] for i in keep]
+            report.setdefault("capped", {})[split] = {"from": len(items), "to": cap}
+    return splits, report
+
+
+def group_per_segment(
+    convs: list[sources.Conversation], k: int, seed: int
+) -> list[sources.Conversation]:
+    """Joins up to ``k`` single-QA conversations about the same segment into multi-turn ones.
+
+    Questions are shuffled within their segment (seeded) before grouping, so a group is not
+    always the same question types in the same order. ``k <= 1`` returns the input unchanged.
+    """
+    if k <= 1:
+        return convs
+    groups: dict[tuple[str, int | None], list[sources.Conversation]] = collections.defaultdict(list)
+    for c in convs:
+        groups[(c.record, c.segment)].append(c)
+    rng = np.random.default_rng(seed)
+    out = []
+    for key in sorted(groups, key=lambda x: (x[0], -1 if x[1] is None else x[1])):
+        members = groups[key]
+        order = rng.permutation(len(members))
+        members = [members[i] for i in order]
+        for start in range(0, len(members), k):
+            part = members[start : start + k]
+            turns = tuple(t for c in part for t in c.turns)
+            meta = {
+                "source": part[0].meta.get("source"),
+                "grouped": [c.example_id for c in part],
+                "questions": [c.meta for c in part],
+            }
+            out.append(
+                dataclasses.replace(
+                    part[0], example_id=part[0].example_id + f"+{len(part)}", turns=turns, meta=meta
+                )
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps 4-5: tokenizers
+# ----------------------------------------------------------------------------------------------
+
+
+def _segment_batches(rows_idx: Sequence[int], fetch, batch: int = 512):
+    """Float32 ``[b, 12, L]`` batches of the given segment rows, in order."""
+    for start in range(0, len(rows_idx), batch):
+        part = rows_idx[start : start + batch]
+        yield part, np.stack([np.asarray(fetch(i), dtype=np.float32) for i in part])
+
+
+def ecg_tokenizer(
+    cfg: ml_collections.ConfigDict, workdir: Path, train_rows: Sequence[int], fetch
+) -> ecgbyte.ECGByteTokenizer:
+    """Loads, imports or trains (on ``train_rows`` only) the ECG-Byte tokenizer."""
+    out = workdir / "tokenizers" / "ecgbyte.json"
+    tc = cfg.ecg_tokenizer
+    if tc.path:
+        return ecgbyte.ECGByteTokenizer.load(tc.path)
+    if tc.reference_pickle:
+        tok = ecgbyte.ECGByteTokenizer.from_reference_pickle(tc.reference_pickle)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(out)
+        return tok
+    if out.exists():  # made by an earlier run of this workdir (same settings: see _check_settings)
+        print(f"ECG tokenizer: reusing {out}")
+        return ecgbyte.ECGByteTokenizer.load(out)
+    rng = np.random.default_rng(cfg.seed)
+    rows = np.asarray(sorted(set(train_rows)))
+    if len(rows) > tc.max_train_ecgs:
+        rows = np.sort(rng.choice(rows, tc.max_train_ecgs, replace=False))
+    if len(rows) == 0:
+        raise PrepareError("no training segments to train the ECG tokenizer on")
+    symbols = np.concatenate(
+        [
+            ecgbyte.discretise(x, per_lead=tc.per_lead_norm).symbols
+            for _, x in _segment_batches(rows.tolist(), fetch)
+        ]
+    )
+    t0 = time.perf_counter()
+    tok = ecgbyte.ECGByteTokenizer.train(
+        symbols,
+        tc.num_merges,
+        per_lead_norm=tc.per_lead_norm,
+        lead_boundaries=tc.lead_boundaries,
+        mode=tc.encode_mode,
+        workers=cfg.data.workers,
+    )
+    print(
+        f"ECG tokenizer: {tc.num_merges} merges on {len(rows)} train segments in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    return tok
+
+
+def text_tokenizer(
+    cfg: ml_collections.ConfigDict, workdir: Path, train: Sequence[sources.Conversation]
+) -> tuple[text.TextTokenizer, Path]:
+    """The LLM tokenizer: ``text.tokenizer`` if given, else one trained on the train text."""
+    if cfg.text.tokenizer:
+        path = Path(cfg.text.tokenizer)
+        return text.load_text_tokenizer(path, template=cfg.text.family or None), path
+    path = workdir / "tokenizers" / "text"
+    if not (path / "tokenizer.json").exists():
+        corpus = [cfg.text.system_prompt] + [t["text"] for c in train for t in c.turns]
+        text.train_local_tokenizer(
+            corpus, path, vocab_size=cfg.text.train_vocab_size, family=cfg.text.family
+        )
+        print(f"text tokenizer: trained a {cfg.text.train_vocab_size}-id byte-level BPE -> {path}")
+    return text.load_text_tokenizer(path, template=cfg.text.family or None), path
+
+
+def encode_segments(
+    cfg: ml_collections.ConfigDict, tok: ecgbyte.ECGByteTokenizer, rows_idx: Sequence[int], fetch
+) -> dict[int, Any]:
+    """Segment row -> its ECG ids: a lead-major stream (``head``) or per-lead ids + lengths."""
+    tc = cfg.ecg_tokenizer
+    per_lead = cfg.truncation == "time"
+    out: dict[int, Any] = {}
+    bar = tqdm(total=len(rows_idx), desc="ECG -> ids", unit="seg", disable=not len(rows_idx))
+    for part, x in _segment_batches(list(rows_idx), fetch):
+        encoded = tok.encode_signal(
+            x, mode=tc.encode_mode, leads=per_lead, workers=cfg.data.workers
+        )
+        for i, ids in zip(part, encoded, strict=True):
+            out[i] = (ids, [tok.token_lengths(lead) for lead in ids]) if per_lead else ids
+        bar.update(len(part))
+    bar.close()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 6: examples and shards
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    """Everything one worker needs to write one shard (picklable)."""
+
+    path: str
+    split: str
+    items: tuple  # (conversation dict, ecg payload or None, signal or None) per example
+    text_tokenizer: str
+    family: str
+    vocab: text.EcgVocab
+    budget: int
+    policy: str
+    system: str | None
+
+
+_TOKENIZERS: dict[tuple[str, str], text.TextTokenizer] = {}
+
+
+def _cached_tokenizer(path: str, family: str) -> text.TextTokenizer:
+    if (path, family) not in _TOKENIZERS:
+        _TOKENIZERS[(path, family)] = text.load_text_tokenizer(path, template=family or None)
+    return _TOKENIZERS[(path, family)]
+
+
+def make_example(
+    tok: text.TextTokenizer,
+    conversation: sources.Conversation,
+    ecg: Any,
+    *,
+    vocab: text.EcgVocab,
+    budget: int,
+    policy: str,
+    system: str | None,
+    signal: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """A conversation + its ECG ids -> the record stored in a shard."""
+    if isinstance(ecg, tuple):
+        ids, lengths = ecg
+    else:
+        ids, lengths = ecg, None
+    ex = text.build_example(
+        tok,
+        conversation.turns,
+        ids,
+        budget=budget,
+        policy=policy,
+        system=system,
+        ecg_vocab=vocab,
+        token_lengths=lengths,
+        name=conversation.example_id,
+    )
+    record = {
+        "input_ids": ex.input_ids.astype(np.int32),
+        "loss_mask": ex.loss_mask.astype(np.uint8),
+        "answer_spans": np.asarray(ex.answer_spans, np.int32).reshape(-1, 2),
+        "ecg_kept": ex.ecg_kept,
+        "ecg_dropped": ex.ecg_dropped,
+        "example_id": conversation.example_id,
+        "conversation": json.dumps(conversation.to_dict(), sort_keys=True),
+    }
+    if signal is not None:
+        record["signal"] = np.asarray(signal, np.float16)
+    return record
+
+
+def write_shard_task(task: ShardTask) -> dict[str, Any]:
+    """Builds and writes one shard; returns its statistics and skipped examples."""
+    tok = _cached_tokenizer(task.text_tokenizer, task.family)
+    built, skipped = [], []
+    for conv_dict, ecg, signal in task.items:
+        conv = sources.Conversation.from_dict(conv_dict)
+        try:
+            built.append(
+                make_example(
+                    tok,
+                    conv,
+                    ecg,
+                    vocab=task.vocab,
+                    budget=task.budget,
+                    policy=task.policy,
+                    system=task.system,
+                    signal=signal,
+                )
+            )
+        except text.TextTooLongError as e:
+            skipped.append(
+                {"example_id": conv.example_id, "reason": "text too long", "detail": str(e)}
+            )
+            continue
+        if ecg is not None and built[-1]["ecg_kept"] == 0:
+            built.pop()  # the text leaves no room for a single ECG token: useless to train on
+            skipped.append(
+                {
+                    "example_id": conv.example_id,
+                    "reason": "no ECG token fits",
+                    "detail": f"the text fills the budget of {task.budget} tokens",
+                }
+            )
+    records.write_shard(task.path, built)
+    lengths = [len(r["input_ids"]) for r in built]
+    stats = {
+        "path": Path(task.path).name,
+        "examples": len(built),
+        "lengths": lengths,
+        "ecg_kept": [r["ecg_kept"] for r in built],
+        "ecg_dropped": [r["ecg_dropped"] for r in built],
+        "answer_tokens": int(sum(int(r["loss_mask"].sum()) for r in built)),
+        "skipped": skipped,
+    }
+    done = Path(task.path).with_suffix(".done.json")
+    done.write_text(json.dumps(stats))
+    return stats
+
+
+def _summary(values: Sequence[int]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0.0}
+    v = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": round(float(v.mean()), 1),
+        "p50": float(np.percentile(v, 50)),
+        "p95": float(np.percentile(v, 95)),
+        "max": float(v.max()),
+    }
+
+
+def _run_shard_tasks(tasks: list[ShardTask], workers: int) -> list[dict[str, Any]]:
+    if not tasks:
+        return []
+    if workers <= 1 or len(tasks) <= 1:
+        return [write_shard_task(t) for t in tqdm(tasks, desc="shards", unit="shard")]
+    context = multiprocessing.get_context("forkserver")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(
+            tqdm(pool.map(write_shard_task, tasks), total=len(tasks), desc="shards", unit="shard")
+        )
+
+
+def plan_shards(
+    cfg: ml_collections.ConfigDict, out: Path, splits: dict[str, list[sources.Conversation]]
+) -> list[tuple[str, Path, list[sources.Conversation]]]:
+    """Every shard as ``(split, path, conversations)``, in order."""
+    per = int(cfg.data.examples_per_shard)
+    plan = []
+    for split in SPLITS:
+        convs = splits.get(split, [])
+        n_shards = -(-len(convs) // per)
+        for j in range(n_shards):
+            path = out / f"{split}-{j:05d}-of-{n_shards:05d}.array_record"
+            plan.append((split, path, convs[j * per : (j + 1) * per]))
+    return plan
+
+
+def _is_done(path: Path) -> bool:
+    return path.exists() and path.with_suffix(".done.json").exists()
+
+
+def write_shards(
+    cfg: ml_collections.ConfigDict,
+    plan: list[tuple[str, Path, list[sources.Conversation]]],
+    ecg_ids: dict[int, Any],
+    segment_rows: dict[str, int],
+    fetch,
+    text_path: Path,
+    vocab: text.EcgVocab,
+) -> dict[str, Any]:
+    """Writes the shards of ``plan`` not yet finished; returns per-split statistics."""
+    tasks, stats = [], collections.defaultdict(list)
+    for split, path, convs in plan:
+        if _is_done(path):
+            stats[split].append(json.loads(path.with_suffix(".done.json").read_text()))
+            continue
+        items = []
+        for c in convs:
+            row = segment_rows[c.example_id]
+            signal = np.asarray(fetch(row), np.float16) if cfg.data.store_signal else None
+            items.append((c.to_dict(), ecg_ids[row], signal))
+        tasks.append(
+            ShardTask(
+                str(path),
+                split,
+                tuple(items),
+                str(text_path),
+                cfg.text.family,
+                vocab,
+                cfg.budget,
+                cfg.truncation,
+                cfg.text.system_prompt or None,
+            )
+        )
+    if tasks:
+        print(f"writing {len(tasks)} of {len(plan)} shards")
+    for task, result in zip(tasks, _run_shard_tasks(tasks, cfg.data.workers), strict=True):
+        stats[task.split].append(result)
+    summary: dict[str, Any] = {}
+    for split in SPLITS:
+        done = sorted(stats.get(split, []), key=lambda s: s["path"])
+        lengths = [n for s in done for n in s["lengths"]]
+        kept = [n for s in done for n in s["ecg_kept"]]
+        dropped = [n for s in done for n in s["ecg_dropped"]]
+        total_ecg = sum(kept) + sum(dropped)
+        summary[split] = {
+            "examples": sum(s["examples"] for s in done),
+            "shards": [s["path"] for s in done],
+            "tokens": _summary(lengths),
+            "ecg_tokens_kept": _summary(kept),
+            "ecg_fraction_dropped": round(sum(dropped) / total_ecg, 4) if total_ecg else 0.0,
+            "answer_tokens": sum(s["answer_tokens"] for s in done),
+            "skipped": [x for s in done for x in s["skipped"]],
+        }
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> str:
+    """Refuses to mix shards made with other settings in one directory."""
+    digest = settings_hash(settings)
+    stamp = out / "settings.json"
+    if stamp.exists():
+        old = json.loads(stamp.read_text())
+        if old.get("hash") != digest:
+            raise PrepareError(
+                f"{out} holds shards prepared with other settings (hash {old.get('hash')}, now "
+                f"{digest}); use another workdir or delete {out}"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"hash": digest, "settings": settings}, indent=1, default=str))
+    return digest
+
+
+SOURCES = ("synthetic", "ecgqa-ptbxl", "ecgqa-mimic", "pulse", "ecg-chat")
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """Refuses unknown choices before any work is done."""
+    if cfg.representation != "symbolic":
+        raise PrepareError(
+            f"representation {cfg.representation!r}: prepare builds symbolic (ECG-Byte) shards; "
+            "use representation='symbolic' (data.store_signal=True also stores the signal)"
+        )
+    choices = {
+        "data.source": (cfg.data.source, SOURCES),
+        "data.segments": (cfg.data.segments, ("all", "first")),
+        "data.split": (cfg.data.split, ("published", "patient")),
+        "truncation": (cfg.truncation, text.POLICIES),
+        "ecg_tokenizer.encode_mode": (cfg.ecg_tokenizer.encode_mode, ecgbyte.MODES),
+        "text.family": (cfg.text.family, text.FAMILIES),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise PrepareError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
+    if cfg.truncation == "time" and not cfg.ecg_tokenizer.lead_boundaries:
+        raise PrepareError(
+            "truncation='time' cuts every lead at the same second, which needs an ECG tokenizer "
+            "whose tokens never span two leads: set ecg_tokenizer.lead_boundaries=True"
+        )
+    if cfg.budget < 16:
+        raise PrepareError(f"budget {cfg.budget} is too small for any chat example")
+
+
+def prepare(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Runs every step for ``cfg``; returns the manifest (also ``workdir/shards/manifest.json``)."""
+    check_config(cfg)
+    t0 = time.perf_counter()
+    workdir = Path(cfg.workdir)
+    out = workdir / "shards"
+    settings = shard_settings(cfg)
+    digest = _check_settings(out, settings)
+
+    root = ensure_data(cfg)
+    seg_dir = make_segments(cfg, root, workdir)
+    segs_by_record, _, fetch = segment_index(seg_dir, root)
+    convs, source_report = load_conversations(cfg, root)
+    splits, link_report = link_and_split(cfg, convs, segs_by_record)
+    for split in splits:
+        splits[split] = group_per_segment(splits[split], cfg.data.group_questions, cfg.seed)
+    segment_rows = {
+        c.example_id: segs_by_record[c.record][c.segment]
+        for items in splits.values()
+        for c in items
+    }
+    counts = {split: len(items) for split, items in splits.items()}
+    print(f"conversations: {source_report.get('kept', len(convs))} kept -> examples {counts}")
+
+    train_rows = [segment_rows[c.example_id] for c in splits.get("train", [])]
+    ecg_tok = ecg_tokenizer(cfg, workdir, train_rows, fetch)
+    text_tok, text_path = text_tokenizer(cfg, workdir, splits.get("train", []))
+    vocab = text.EcgVocab.for_tokenizer(text_tok, ecg_tok.vocab_size, markers=cfg.text.ecg_markers)
+
+    plan = plan_shards(cfg, out, splits)
+    pending = [convs for _, path, convs in plan if not _is_done(path)]
+    needed = sorted({segment_rows[c.example_id] for convs in pending for c in convs})
+    t_enc = time.perf_counter()
+    ecg_ids = encode_segments(cfg, ecg_tok, needed, fetch)
+    seconds_encode = time.perf_counter() - t_enc
+    split_stats = write_shards(cfg, plan, ecg_ids, segment_rows, fetch, text_path, vocab)
+
+    manifest = {
+        "format": SHARD_FORMAT,
+        "config_hash": digest,
+        "representation": cfg.representation,
+        "budget": cfg.budget,
+        "truncation": cfg.truncation,
+        "ecg_tokenizer": {
+            "path": str(cfg.ecg_tokenizer.path or workdir / "tokenizers" / "ecgbyte.json"),
+            "fingerprint": ecg_tok.fingerprint(),
+            "vocab_size": ecg_tok.vocab_size,
+        },
+        "text_tokenizer": {
+            "path": str(text_path),
+            "hash": directory_hash(text_path),
+            "family": text_tok.template,
+            "vocab_size": text_tok.vocab_size,
+        },
+        "vocab": {
+            "text_vocab_size": vocab.text_vocab_size,
+            "ecg_vocab_size": vocab.ecg_vocab_size,
+            "markers": vocab.markers,
+            "text_pad_id": vocab.text_pad_id,
+            "pad_id": vocab.pad_id,
+            "total_size": vocab.total_size,
+        },
+        "splits": {
+            split: {k: v for k, v in s.items() if k != "skipped"} | {"skipped": len(s["skipped"])}
+            for split, s in split_stats.items()
+        },
+        "seconds": {
+            "encode_ecgs": round(seconds_encode, 2),
+            "total_this_run": round(time.perf_counter() - t0, 2),
+        },
+    }
+    report = {
+        "source": source_report,
+        "link_and_split": link_report,
+        "skipped_examples": {split: s["skipped"] for split, s in split_stats.items()},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    for split, s in manifest["splits"].items():
+        print(
+            f"{split:>5s}: {s['examples']} examples in {len(s['shards'])} shards, tokens mean "
+            f"{s['tokens']['mean']} (max {s['tokens']['max']:.0f}), ECG ids dropped "
+            f"{s['ecg_fraction_dropped']:.0%}, {s['skipped']} skipped"
+        )
+    print(f"prepared in {manifest['seconds']['total_this_run']:.1f} s -> {out}")
+    return manifest
+
+
+def load_manifest(workdir: str | Path) -> dict[str, Any]:
+    """The manifest of a prepared workdir, checked to be ours."""
+    path = Path(workdir) / "shards" / "manifest.json"
+    if not path.exists():
+        raise PrepareError(f"{path} not found: run python -m elmjax.prepare first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != SHARD_FORMAT:
+        raise PrepareError(f"{path}: not an elmjax shard manifest ({manifest.get('format')!r})")
+    return manifest
+
+
+def split_paths(workdir: str | Path, split: str) -> list[str]:
+    """The shard files of a split of a prepared workdir."""
+    return pipeline.shard_paths(Path(workdir) / "shards", split)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/X.py[:arg]", lock_config=False)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config=configs/X.py[:arg] is required")
+    try:
+        prepare(_CONFIG.value)
+    except (PrepareError, sources.SourceFormatError, sources.UnsafePathError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,174 @@
+"""python -m elmjax.prepare: synthetic records -> segments -> tokenizers -> shards, end to end."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from elmjax import prepare
+from elmjax.config import load_config
+from elmjax.data import pipeline, records, sources
+from elmjax.tokenize import ecgbyte, text
+
+
+def tiny_config(tmp_path, **changes):
+    cfg = load_config("ecgbyte_1024:demo")
+    cfg.workdir = str(tmp_path / "run")
+    cfg.data.root = str(tmp_path / "data")
+    cfg.data.generate_ecgs = 40
+    cfg.data.workers = 1
+    cfg.data.examples_per_shard = 64
+    cfg.data.max_examples = {"train": 400, "valid": 100, "test": 100}
+    cfg.ecg_tokenizer.num_merges = 60
+    cfg.text.train_vocab_size = 400
+    cfg.budget = 300
+    for key, value in changes.items():
+        node = cfg
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prep")
+    cfg = tiny_config(tmp)
+    return cfg, prepare.prepare(cfg)
+
+
+def all_examples(workdir, split):
+    return [ex for p in prepare.split_paths(workdir, split) for ex in records.read_shard(p)]
+
+
+def test_manifest_counts_match_the_shards(prepared):
+    cfg, manifest = prepared
+    assert manifest["format"] == prepare.SHARD_FORMAT
+    assert manifest["budget"] == 300 and manifest["truncation"] == "head"
+    for split in ("train", "valid", "test"):
+        examples = all_examples(cfg.workdir, split)
+        info = manifest["splits"][split]
+        assert info["examples"] == len(examples) > 0
+        assert info["tokens"]["max"] == max(len(e["input_ids"]) for e in examples) <= 300
+        assert info["answer_tokens"] == sum(int(e["loss_mask"].sum()) for e in examples)
+    assert manifest["splits"]["train"]["examples"] <= 400  # the cap
+    assert manifest["config_hash"] == prepare.settings_hash(prepare.shard_settings(cfg))
+    tok = ecgbyte.ECGByteTokenizer.load(manifest["ecg_tokenizer"]["path"])
+    assert tok.fingerprint() == manifest["ecg_tokenizer"]["fingerprint"]
+    assert manifest["vocab"]["ecg_vocab_size"] == tok.vocab_size == 26 + 60
+
+
+def test_examples_hold_the_answer_and_a_truncated_ecg(prepared):
+    cfg, manifest = prepared
+    tok = text.load_text_tokenizer(manifest["text_tokenizer"]["path"])
+    v = manifest["vocab"]
+    vocab = text.EcgVocab(
+        v["text_vocab_size"],
+        v["ecg_vocab_size"],
+        markers=v["markers"],
+        text_pad_id=v["text_pad_id"],
+    )
+    for ex in all_examples(cfg.workdir, "valid")[:20]:
+        conv = sources.Conversation.from_dict(json.loads(ex["conversation"]))
+        ids, mask = ex["input_ids"], ex["loss_mask"].astype(bool)
+        assert len(ids) == 300  # the ECG always fills the budget at T=300
+        answer = conv.turns[-1]["text"]
+        assert tok.decode(ids[mask].tolist(), skip_special=False) == answer + "<|eot_id|>"
+        ((start, end),) = ex["answer_spans"]
+        assert mask[start:end].all() and mask.sum() == end - start
+        n_ecg = int(vocab.is_ecg(ids).sum())
+        assert n_ecg == ex["ecg_kept"] > 0 and ex["ecg_dropped"] > 0
+        assert list(ids).count(vocab.start_id) == 1 and list(ids).count(vocab.end_id) == 1
+
+
+def test_splits_are_patient_disjoint_and_tokenizer_saw_train_only(prepared):
+    cfg, manifest = prepared
+    patients = {
+        split: {
+            sources.Conversation.from_dict(json.loads(e["conversation"])).patient_id
+            for e in all_examples(cfg.workdir, split)
+        }
+        for split in ("train", "valid", "test")
+    }
+    assert not patients["train"] & patients["test"]
+    assert not patients["train"] & patients["valid"]
+    assert not patients["valid"] & patients["test"]
+
+
+def test_shards_stream_through_the_pipeline(prepared):
+    cfg, manifest = prepared
+    pcfg = pipeline.PipelineConfig(
+        seq_len=cfg.budget, batch_size=4, num_epochs=1, pad_id=manifest["vocab"]["pad_id"]
+    )
+    paths = prepare.split_paths(cfg.workdir, "train")
+    ds = pipeline.make_dataset(paths, pcfg, shard_index=0, shard_count=1)
+    batch = next(iter(ds))
+    assert batch["inputs"].shape == (4, 300)
+    assert batch["loss_mask"].sum() > 0
+
+
+def test_rerun_reuses_everything_and_other_settings_are_refused(prepared):
+    cfg, manifest = prepared
+    again = prepare.prepare(cfg)
+    assert again["splits"]["train"]["shards"] == manifest["splits"]["train"]["shards"]
+    assert again["ecg_tokenizer"]["fingerprint"] == manifest["ecg_tokenizer"]["fingerprint"]
+    other = cfg.copy_and_resolve_references()
+    other.budget = 250
+    with pytest.raises(prepare.PrepareError, match="prepared with other settings"):
+        prepare.prepare(other)
+
+
+def test_time_policy_cuts_every_lead_at_the_same_second(tmp_path):
+    cfg = tiny_config(tmp_path, truncation="time", **{"ecg_tokenizer.lead_boundaries": True})
+    cfg.data.generate_ecgs = 6
+    cfg.data.max_examples = {"train": 40, "valid": 10, "test": 10}
+    manifest = prepare.prepare(cfg)
+    assert manifest["truncation"] == "time"
+    tok = ecgbyte.ECGByteTokenizer.load(manifest["ecg_tokenizer"]["path"])
+    assert tok.lead_boundaries
+    ex = all_examples(cfg.workdir, "train")[0]
+    assert len(ex["input_ids"]) <= 300 and ex["ecg_kept"] > 0
+
+
+def test_bad_settings_are_named(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.data.source = "nope"
+    with pytest.raises(prepare.PrepareError, match="unknown data.source 'nope'"):
+        prepare.prepare(cfg)
+    cfg = tiny_config(tmp_path / "b", representation="image")
+    with pytest.raises(prepare.PrepareError, match="representation 'image'"):
+        prepare.prepare(cfg)
+    cfg = tiny_config(tmp_path / "c")
+    cfg.data.generate_ecgs = 0
+    with pytest.raises(prepare.PrepareError, match="no synthetic data set"):
+        prepare.prepare(cfg)
+
+
+def test_cli(tmp_path):
+    run = tmp_path / "cli"
+    args = [
+        sys.executable,
+        "-m",
+        "elmjax.prepare",
+        "--config=configs/ecgbyte_1024.py:demo",
+        f"--config.workdir={run}",
+        f"--config.data.root={tmp_path / 'data'}",
+        "--config.data.generate_ecgs=6",
+        "--config.data.workers=1",
+        "--config.ecg_tokenizer.num_merges=30",
+        "--config.budget=160",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((run / "shards" / "manifest.json").read_text())
+    assert manifest["budget"] == 160 and manifest["splits"]["train"]["examples"] > 0
+    assert "prepared in" in done.stdout
+    bad = subprocess.run(
+        args[:4] + ["--config.data.source=nope"], capture_output=True, text=True, cwd=REPO
+    )
+    assert bad.returncode == 2 and "unknown data.source 'nope'" in bad.stderr
+    assert np.all(np.isfinite([manifest["splits"]["train"]["tokens"]["mean"]]))
