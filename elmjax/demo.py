@@ -7,14 +7,18 @@ Steps (each prints what it did and how long it took):
 1. Generate the built-in synthetic ECG-QA set (:mod:`elmjax.ecg.synth`): real WFDB records at
    500 Hz in the PTB-XL layout, a ``ptbxl_database.csv`` with patient ids, and ECG-QA-format
    question files with exact, class-balanced answers.
-2. Preprocess it with the batch CLI's code (:func:`elmjax.ecg.preprocess.run`): filters, wavelet
-   denoising, resampling to 250 Hz and segmentation, with a ``report.json`` of skipped records.
-3. Print a summary: findings, questions per split and type, answer balance, segments, skips.
+2. ``python -m elmjax.prepare --config=configs/ecgbyte_1024.py:demo``
+   (:func:`elmjax.prepare.prepare`):
+   preprocess the records (filters, wavelet denoising, 250 Hz, 5-s segments), train the
+   ECG-Byte tokenizer on the train split and a small text tokenizer, and write the tokenized
+   conversations as ArrayRecord shards for training.
+3. Print a summary: findings, questions per split and type, answer balance, segments, skips,
+   tokenizers and shards.
 4. Write a PNG of one synthetic 12-lead ECG on ECG paper with its ground-truth labels, and one of
-   its preprocessed segment.
+   its first preprocessed segment.
 
-Outputs under ``--workdir``: ``data/`` (the corpus), ``segments/`` (preprocessed), ``plots/``
-and ``summary.json``. Re-running reuses the corpus and the finished preprocessing chunks.
+Outputs under ``--workdir``: ``data/`` (the corpus), ``ecgbyte/`` (segments, tokenizers,
+shards), ``plots/`` and ``summary.json``. Re-running reuses the corpus and every finished step.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from elmjax import prepare
+from elmjax.config import load_config
 from elmjax.ecg import io, preprocess, render, synth
 
 DEMO_ECGS = 400
@@ -177,12 +183,39 @@ def plot_example(
         fig = render.plot_ecg(
             seg,
             preprocess.PreprocessConfig().target_fs,
-            title=f"ECG {row['ecg_id']} after preprocessing (250 Hz, segment 0)",
+            title=f"ECG {row['ecg_id']} after preprocessing (250 Hz, first segment)",
             path=seg_png,
         )
         fig.clear()
         paths.append(seg_png)
     return paths
+
+
+def demo_config(workdir: Path, data: Path, seed: int, workers: int):
+    """``configs/ecgbyte_1024.py:demo`` pointed at this demo's directories."""
+    cfg = load_config("ecgbyte_1024:demo")
+    cfg.workdir = str(workdir / "ecgbyte")
+    cfg.data.root = str(data)
+    cfg.data.workers = workers
+    cfg.seed = seed
+    return cfg
+
+
+def print_prepared(manifest: dict[str, Any]) -> None:
+    """Tokenizers and shards in a few lines."""
+    ecg, txt, v = manifest["ecg_tokenizer"], manifest["text_tokenizer"], manifest["vocab"]
+    print(
+        f"  ECG-Byte tokenizer: {ecg['vocab_size']} ids ({ecg['vocab_size'] - 26} merges); "
+        f"text tokenizer: {txt['vocab_size']} ids ({txt['family']} chat format); "
+        f"LLM vocabulary: {v['total_size']} ids"
+    )
+    for split, s in manifest["splits"].items():
+        print(
+            f"  {split:<6s} {s['examples']:6d} examples in {len(s['shards'])} shards; "
+            f"T = {manifest['budget']}: {s['ecg_tokens_kept']['mean']:.0f} ECG tokens kept "
+            f"per example ({s['ecg_fraction_dropped']:.0%} of the ECG cut, "
+            f"'{manifest['truncation']}' policy), {s['skipped']} skipped"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,21 +230,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     workdir = Path(args.workdir)
-    data, segments_dir, plots = workdir / "data", workdir / "segments", workdir / "plots"
+    data, plots = workdir / "data", workdir / "plots"
     make_corpus(data, args.num_ecgs, args.seed, args.workers)
 
     t1 = time.perf_counter()
-    report = preprocess.run("ptbxl", data, segments_dir, workers=args.workers)
-    print(
-        f"[2/4] preprocessed {report['counts']['records_ok']} records into "
-        f"{report['counts']['segments']} segments of 10 s at 250 Hz in "
-        f"{time.perf_counter() - t1:.1f} s ({segments_dir})"
-    )
+    cfg = demo_config(workdir, data, args.seed, args.workers)
+    print("[2/4] python -m elmjax.prepare --config=configs/ecgbyte_1024.py:demo")
+    manifest = prepare.prepare(cfg)
+    segments_dir = Path(cfg.workdir) / "segments"
+    report = json.loads((segments_dir / "report.json").read_text())
+    print(f"  prepared in {time.perf_counter() - t1:.1f} s")
 
     labels, questions = read_labels(data), read_questions(data)
     summary = summarise(labels, questions, report)
+    summary["prepared"] = {
+        split: {k: s[k] for k in ("examples", "tokens", "ecg_tokens_kept", "skipped")}
+        for split, s in manifest["splits"].items()
+    }
     print("[3/4] summary")
     print_summary(summary)
+    print_prepared(manifest)
 
     paths = plot_example(data, segments_dir, labels, plots)
     print("[4/4] plots: " + ", ".join(str(p) for p in paths))

@@ -12,7 +12,8 @@ def test_demo_end_to_end_and_rerun(tmp_path, capsys):
     out = capsys.readouterr().out
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["ecgs"] == 12
-    assert summary["segments"] == 12  # one 10-s segment per 10-s record
+    assert summary["segments"] == 24  # two 5-s segments per 10-s record
+    assert sum(s["examples"] for s in summary["prepared"].values()) > 0
     assert summary["records_skipped"] == 0
     assert sum(summary["ecgs_per_split"].values()) == 12
     assert sum(summary["findings"][k] for k in summary["findings"] if k.startswith("rhythm:")) == 12
@@ -26,6 +27,6 @@ def test_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert demo.main(args) == 0
     out = capsys.readouterr().out
     assert "reusing the synthetic corpus" in out
-    report = json.loads((workdir / "segments" / "report.json").read_text())
+    report = json.loads((workdir / "ecgbyte" / "segments" / "report.json").read_text())
     assert report["counts"]["chunks_processed_this_run"] == 0
-    assert json.loads((workdir / "summary.json").read_text())["segments"] == 12
+    assert json.loads((workdir / "summary.json").read_text())["segments"] == 24
