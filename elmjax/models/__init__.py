@@ -1,0 +1,1 @@
+"""Model code: the decoder LLM (llm), LoRA adapters (lora) and Hugging Face checkpoints (hf)."""
