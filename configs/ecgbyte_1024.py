@@ -96,4 +96,61 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.budget = int(args.get("T", 512 if demo else 1024))  # T: tokens per training example
     c.truncation = "head"  # head (reference) | time (same seconds per lead)
+
+    # --- model -----------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    # A local Hugging Face directory (config.json + safetensors); empty: random init from
+    # model.random (the demo's tiny decoder, fully fine-tuned).
+    c.model.checkpoint = "" if demo else "checkpoints/Llama-3.2-1B-Instruct"
+    c.model.random = ml_collections.ConfigDict(
+        {
+            "family": "llama",
+            "hidden_size": 128,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "head_dim": 32,
+            "intermediate_size": 512,
+            "rope_theta": 10000.0,
+            "tie_embeddings": True,
+        }
+    )
+    c.model.dtype = "float32" if demo else "bfloat16"  # compute dtype
+    c.model.param_dtype = "float32"  # storage of the parameters (trainable ones are f32)
+    c.model.frozen_dtype = "float32" if demo else "bfloat16"  # storage of frozen base weights
+    c.model.scan_layers = not demo
+    c.model.remat = False if demo else "nothing_saveable"
+    c.model.train_extra_vocab = False  # reference: the new ECG rows stay at their mean init
+
+    # --- LoRA (rank 0: full fine-tuning) ------------------------------------------------------
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0 if demo else 16
+    c.lora.alpha = 32.0
+    c.lora.dropout = 0.05
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    # --- training --------------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 16 if demo else 8  # global rows per step
+    c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
+    c.train.epochs = 4.0 if demo else 1.0  # used when train.steps is 0
+    c.train.steps = 0  # 0: epochs x (packed rows / batch)
+    c.train.fit = "pack"  # pack | pad (see elmjax.data.pipeline)
+    c.train.schedule = "cosine" if demo else "noam"  # noam (reference) | cosine | constant
+    c.train.lr = 3e-3 if demo else 1e-4  # peak lr (cosine/constant); noam ignores it
+    c.train.warmup_steps = 50 if demo else 500
+    c.train.b1 = 0.9
+    c.train.b2 = 0.99
+    c.train.eps = 1e-8
+    c.train.weight_decay = 0.01
+    c.train.clip_norm = 1.0
+    c.train.loss_positions = 0  # >0: LM head only at this many answer positions per row
+    c.train.log_every = 10
+    c.train.eval_every = 200 if demo else 2000  # validation loss
+    c.train.eval_batches = 8
+    c.train.checkpoint_every = 200 if demo else 2000
+    c.train.keep_checkpoints = 3
+    c.train.peak_tflops = 0.0  # per device, for MFU; 0: look the device kind up (or skip)
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     return c

@@ -68,6 +68,7 @@ def shard_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         "budget": cfg.budget,
         "truncation": cfg.truncation,
         "seed": cfg.seed,
+        "model_checkpoint": cfg.get("model", {}).get("checkpoint", ""),
     }
 
 
@@ -249,6 +250,25 @@ def _segment_batches(rows_idx: Sequence[int], fetch, batch: int = 512):
     for start in range(0, len(rows_idx), batch):
         part = rows_idx[start : start + batch]
         yield part, np.stack([np.asarray(fetch(i), dtype=np.float32) for i in part])
+
+
+def model_vocab_size(cfg: ml_collections.ConfigDict) -> int:
+    """Embedding rows of the configured LLM checkpoint (0 without one).
+
+    ECG ids go after ``max(tokenizer vocabulary, embedding rows)``: Qwen 2.5's embedding has
+    more rows than its tokenizer has tokens, and those spare rows must not be reused.
+    """
+    checkpoint = cfg.get("model", {}).get("checkpoint", "")
+    if not checkpoint:
+        return 0
+    config = Path(checkpoint) / "config.json"
+    if not config.exists():
+        raise PrepareError(
+            f"model.checkpoint {checkpoint}: no config.json there. Download the model's Hugging "
+            "Face files (config.json, model.safetensors*, tokenizer*) into that directory, or set "
+            "--config.model.checkpoint=DIR"
+        )
+    return int(json.loads(config.read_text()).get("vocab_size", 0))
 
 
 def ecg_tokenizer(
@@ -601,6 +621,13 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         )
     if cfg.budget < 16:
         raise PrepareError(f"budget {cfg.budget} is too small for any chat example")
+    model_vocab_size(cfg)  # a configured model checkpoint must exist
+    if cfg.text.tokenizer and not Path(cfg.text.tokenizer).is_dir():
+        raise PrepareError(
+            f"text.tokenizer {cfg.text.tokenizer} is not a directory: put the LLM's tokenizer "
+            "files (tokenizer.json or tokenizer.model, tokenizer_config.json) there, or set "
+            "--config.text.tokenizer=DIR"
+        )
 
 
 def prepare(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -630,7 +657,12 @@ def prepare(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     train_rows = [segment_rows[c.example_id] for c in splits.get("train", [])]
     ecg_tok = ecg_tokenizer(cfg, workdir, train_rows, fetch)
     text_tok, text_path = text_tokenizer(cfg, workdir, splits.get("train", []))
-    vocab = text.EcgVocab.for_tokenizer(text_tok, ecg_tok.vocab_size, markers=cfg.text.ecg_markers)
+    vocab = text.EcgVocab(
+        max(text_tok.vocab_size, model_vocab_size(cfg)),
+        ecg_tok.vocab_size,
+        markers=cfg.text.ecg_markers,
+        text_pad_id=text_tok.pad_id,
+    )
 
     plan = plan_shards(cfg, out, splits)
     pending = [convs for _, path, convs in plan if not _is_done(path)]
@@ -707,9 +739,6 @@ def split_paths(workdir: str | Path, split: str) -> list[str]:
     return pipeline.shard_paths(Path(workdir) / "shards", split)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/X.py[:arg]", lock_config=False)
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -723,4 +752,8 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    # Flags live here, not at import time, so other modules can import this one.
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "configs/X.py[:arg]", lock_config=False
+    )
     app.run(main)

@@ -1,0 +1,120 @@
+"""python -m elmjax.train: validation before compiling, training, exact resumption, NaN stop."""
+
+import math
+import shutil
+
+import pytest
+
+from elmjax import train
+from elmjax.config import load_config
+
+
+def tiny_config(tmp_path, **train_changes):
+    cfg = load_config("ecgbyte_1024:demo")
+    cfg.workdir = str(tmp_path / "run")
+    cfg.data.root = str(tmp_path / "data")
+    cfg.data.generate_ecgs = 30
+    cfg.data.workers = 1
+    cfg.data.examples_per_shard = 64
+    cfg.data.max_examples = {"train": 200, "valid": 40, "test": 40}
+    cfg.ecg_tokenizer.num_merges = 40
+    cfg.text.train_vocab_size = 400
+    cfg.budget = 256
+    cfg.model.random.hidden_size = 32
+    cfg.model.random.num_layers = 1
+    cfg.model.random.num_heads = 2
+    cfg.model.random.num_kv_heads = 1
+    cfg.model.random.head_dim = 16
+    cfg.model.random.intermediate_size = 64
+    cfg.train.batch_size = 4
+    cfg.train.steps = 6
+    cfg.train.warmup_steps = 2
+    cfg.train.log_every = 1
+    cfg.train.eval_every = 0
+    cfg.train.checkpoint_every = 3
+    for key, value in train_changes.items():
+        cfg.train[key] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def prepared_run(tmp_path_factory):
+    """A workdir with shards, trained for 6 steps without interruption."""
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = tiny_config(tmp)
+    metrics = train.train(cfg, cfg.workdir)
+    return tmp, cfg, metrics
+
+
+def test_trains_and_checkpoints(prepared_run):
+    tmp, cfg, metrics = prepared_run
+    assert metrics["step"] == 6 and math.isfinite(metrics["loss"])
+    steps = sorted(int(p.name) for p in (tmp / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6]
+    assert (tmp / "run" / "config.json").exists()
+    assert any((tmp / "run" / "tensorboard").iterdir())
+
+
+def test_resumption_reproduces_the_uninterrupted_run(prepared_run):
+    tmp, cfg, metrics = prepared_run
+    run2 = tmp / "run2"
+    shutil.copytree(tmp / "run" / "shards", run2 / "shards")
+    shutil.copytree(tmp / "run" / "segments", run2 / "segments")
+    shutil.copytree(tmp / "run" / "tokenizers", run2 / "tokenizers")
+    first = train.train(cfg, run2, stop_at=3)
+    assert first["step"] == 3
+    second = train.train(cfg, run2)
+    assert second["step"] == 6
+    assert second["loss"] == metrics["loss"]  # bitwise on CPU
+
+
+def test_loss_goes_down(prepared_run):
+    tmp, cfg, metrics = prepared_run
+    cfg = tiny_config(tmp, steps=40, lr=3e-3, checkpoint_every=100)
+    run3 = tmp / "run3"
+    shutil.copytree(tmp / "run" / "shards", run3 / "shards")
+    shutil.copytree(tmp / "run" / "tokenizers", run3 / "tokenizers")
+    shutil.copytree(tmp / "run" / "segments", run3 / "segments")
+    start = train.train(cfg, run3, stop_at=1)["loss"]
+    end = train.train(cfg, run3)["loss"]
+    assert end < start - 1.0, (start, end)
+
+
+def test_non_finite_loss_stops_without_saving(prepared_run):
+    tmp, _, _ = prepared_run
+    cfg = tiny_config(tmp, lr=1e9, clip_norm=1e9, schedule="constant", checkpoint_every=1)
+    run4 = tmp / "run4"
+    shutil.copytree(tmp / "run" / "shards", run4 / "shards")
+    shutil.copytree(tmp / "run" / "tokenizers", run4 / "tokenizers")
+    shutil.copytree(tmp / "run" / "segments", run4 / "segments")
+    with pytest.raises(train.NonFiniteLossError, match="stopping without saving") as info:
+        train.train(cfg, run4)
+    ckpts = run4 / "checkpoints"
+    saved = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    # Checkpoints every step up to the last finite state; the broken step is never saved.
+    assert info.value.step not in saved
+    assert (saved[-1] if saved else None) == info.value.last_saved
+    assert info.value.last_saved is None or info.value.last_saved == info.value.step - 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"train.schedule": "linear"}, "unknown train.schedule 'linear'"),
+        ({"train.grad_accum": 3}, "must be a positive multiple of train.grad_accum"),
+        ({"mesh.tensor": 3}, "does not divide the"),
+        ({"model.random.num_kv_heads": 3}, "model.random"),
+        ({"lora.rank": -1}, "lora.rank must be >= 0"),
+    ],
+)
+def test_config_errors_come_before_compiling(tmp_path, change, message):
+    cfg = tiny_config(tmp_path)
+    for key, value in change.items():
+        section, name = key.rsplit(".", 1)
+        node = cfg
+        for part in section.split("."):
+            node = node[part]
+        node[name] = value
+    with pytest.raises(train.ConfigError, match=message):
+        train.train(cfg, tmp_path / "never")
+    assert not (tmp_path / "never" / "shards").exists()
