@@ -152,5 +152,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.peak_tflops = 0.0  # per device, for MFU; 0: look the device kind up (or skip)
 
+    # --- evaluation at the end of training (greedy exact match, with and without the ECG) ------
+    c.eval = ml_collections.ConfigDict()
+    c.eval.after_training = demo
+    c.eval.split = "test"
+    c.eval.limit = 0  # examples (0: all)
+    c.eval.batch_size = 32
+
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     return c

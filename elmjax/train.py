@@ -562,6 +562,21 @@ def train(
         data_iter.close() if hasattr(data_iter, "close") else None
     metrics["step"] = step
     metrics["tokens_seen"] = tokens_seen
+    if cfg.get("eval", {}).get("after_training") and step >= total_steps:
+        from elmjax import evaluate  # noqa: PLC0415 (only runs that evaluate need it)
+
+        model_now, _ = nnx.merge(fns.graphdef, state)
+        results = evaluate.evaluate_split(
+            model_now,
+            workdir,
+            cfg.eval.split,
+            seq_len=cfg.budget,
+            limit=cfg.eval.limit or None,
+            batch_size=cfg.eval.batch_size,
+        )
+        if is_main:
+            evaluate.print_table(results)
+        metrics["eval"] = {k: results[k] for k in ("accuracy", "accuracy_without_ecg")}
     return metrics
 
 

@@ -1,0 +1,77 @@
+"""Teacher-forced exact match equals greedy decoding; ECG removal moves the answer spans."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from elmjax import evaluate
+from elmjax.models.llm import LLM, LLMConfig
+from elmjax.tokenize import text
+
+VOCAB = text.EcgVocab(text_vocab_size=40, ecg_vocab_size=20, markers=True, text_pad_id=None)
+
+
+def tiny_model():
+    cfg = LLMConfig(
+        vocab_size=40,
+        extra_vocab=VOCAB.total_size - 40,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        intermediate_size=64,
+    )
+    return LLM(cfg, rngs=nnx.Rngs(0))
+
+
+def greedy(model, prompt, n):
+    """Plain greedy decoding with full forwards (no cache): the definition we must match."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(jnp.asarray([ids], jnp.int32))
+        ids.append(int(jnp.argmax(logits[0, -1])))
+    return ids[len(prompt) :]
+
+
+def example(model, rng, n_ecg, attribute, corrupt=False):
+    ecg = (40 + rng.integers(0, 20, n_ecg)).tolist()
+    prompt = [1, 2, VOCAB.start_id, *ecg, VOCAB.end_id, *rng.integers(3, 40, 5).tolist()]
+    answer = greedy(model, prompt, 3)
+    if corrupt:
+        answer[1] = (answer[1] + 1) % 40
+    ids = np.asarray(prompt + answer + [7], np.int32)
+    spans = np.asarray([[len(prompt), len(prompt) + 3]], np.int32)
+    conv = {
+        "turns": [{"role": "user", "text": "q"}, {"role": "assistant", "text": "a"}],
+        "meta": {"attribute_type": attribute},
+    }
+    return {"input_ids": ids, "answer_spans": spans, "conversation": json.dumps(conv)}
+
+
+def test_exact_match_is_greedy_decoding():
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    examples = [example(model, rng, 6 + i, "rhythm") for i in range(4)]
+    examples += [example(model, rng, 5, "axis", corrupt=True) for _ in range(3)]
+    out = evaluate.exact_match(model, examples, VOCAB, seq_len=32, batch_size=4, progress=False)
+    assert out["rhythm"] == {"accuracy": 100.0, "answers": 4}
+    assert out["axis"] == {"accuracy": 0.0, "answers": 3}
+    assert out["all"]["answers"] == 7
+
+
+def test_drop_ecg_moves_spans_onto_the_same_tokens():
+    ids = np.asarray([1, VOCAB.start_id, 41, 42, 43, VOCAB.end_id, 5, 6, 7, 8], np.int32)
+    spans = np.asarray([[6, 8], [8, 10]])
+    kept, moved = evaluate.drop_ecg(ids, spans, VOCAB)
+    assert kept.tolist() == [1, VOCAB.start_id, VOCAB.end_id, 5, 6, 7, 8]
+    assert moved.tolist() == [[3, 5], [5, 7]]
+    for (a, b), (c, d) in zip(spans, moved, strict=True):
+        assert ids[a:b].tolist() == kept[c:d].tolist()
+
+
+def test_answer_labels_of_grouped_conversations():
+    conv = {"meta": {"questions": [{"attribute_type": "rhythm"}, {"attribute_type": None}]}}
+    assert evaluate.answer_labels(conv) == ["rhythm", "other"]
