@@ -26,6 +26,8 @@ The run directory (``--workdir``, default ``runs/<config name>``) holds ``config
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -43,6 +45,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from ml_collections import config_flags
 from tqdm import tqdm
@@ -283,16 +286,24 @@ def make_step_fns(cfg, model: LLM, optimizer: nnx.Optimizer, mesh) -> tuple[Step
         model, optimizer = nnx.merge(graphdef, state)
         if cfg.lora.rank > 0 and cfg.lora.dropout > 0:
             model.train()
-            nnx.reseed(model, dropout=dropout_key)
+            # match_shape: scan_layers stacks one dropout key per layer.
+            nnx.reseed(model, dropout=dropout_key, policy="match_shape")
 
         # Pure functions inside the scan: NNX modules do not cross trace levels.
         model_def, params, rest = nnx.split(model, wrt, ...)
 
         def micro_loss(params, micro):
-            return loss_sums(nnx.merge(model_def, params, rest), micro, loss_positions)
+            # copy=True: Variables born at this trace level (nnx.scan of scan_layers refuses
+            # Variables from the outer jit level).
+            model = nnx.merge(model_def, params, rest, copy=True)
+            return loss_sums(model, micro, loss_positions)
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+        # Micro-batch k takes rows k, k + accum, ...: each device keeps its own rows in every
+        # micro-batch (contiguous blocks would make XLA all-gather the batch).
+        micro = jax.tree.map(
+            lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch
+        )
 
         def body(carry, one):
             total, count, grads = carry
@@ -312,7 +323,13 @@ def make_step_fns(cfg, model: LLM, optimizer: nnx.Optimizer, mesh) -> tuple[Step
         finite = jnp.isfinite(loss) & jnp.all(
             jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(nnx.state(model, wrt))])
         )
-        metrics = {"loss": loss, "answer_tokens": count, "grad_norm": grad_norm, "finite": finite}
+        metrics = {
+            "loss": loss,
+            "answer_tokens": count,
+            "tokens": jnp.sum(batch["segment_ids"] > 0),  # global, whatever each host packed
+            "grad_norm": grad_norm,
+            "finite": finite,
+        }
         return nnx.state((model, optimizer)), metrics
 
     def eval_step(state, batch):
@@ -334,11 +351,54 @@ def make_step_fns(cfg, model: LLM, optimizer: nnx.Optimizer, mesh) -> tuple[Step
     return fns, state
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This host's rows -> global arrays sharded over the data axes."""
+def host_slice(sharding: NamedSharding, rows: int, seq_len: int) -> tuple[int, int]:
+    """``(index, count)``: this process feeds row block ``index`` of ``count`` equal blocks of a
+    global batch of ``rows`` rows (its devices' rows). Processes whose devices hold the same rows
+    (a tensor axis spanning hosts) get the same block, so they read the same examples."""
+    held = sharding.addressable_devices_indices_map((rows, seq_len)).values()
+    ranges = sorted({(s[0].start or 0, rows if s[0].stop is None else s[0].stop) for s in held})
+    start, stop = ranges[0][0], max(b for _, b in ranges)
+    n = stop - start
+    covered = sorted(set().union(*(range(a, b) for a, b in ranges)))
+    if covered != list(range(start, stop)) or rows % n or start % n:
+        raise ConfigError(
+            f"process {jax.process_index()} holds batch rows {ranges}, not one contiguous block "
+            "of the global batch; order the mesh so that each host's devices are adjacent"
+        )
+    return start // n, rows // n
+
+
+def global_batch(
+    local: dict[str, np.ndarray], sharding: NamedSharding, rows: int | None = None
+) -> dict[str, jax.Array]:
+    """This host's rows -> global ``[rows, T]`` arrays sharded over the data axes (``rows``
+    default: this host's rows times the process count)."""
     return {
-        k: jax.make_array_from_process_local_data(sharding, local[k]) for k in pipeline.BATCH_KEYS
+        k: jax.make_array_from_process_local_data(
+            sharding, local[k], None if rows is None else (rows, *local[k].shape[1:])
+        )
+        for k in pipeline.BATCH_KEYS
     }
+
+
+def all_processes(value: Any) -> list[Any]:
+    """A JSON-able ``value`` from every process, in process order (the same list on all)."""
+    if jax.process_count() == 1:
+        return [value]
+    blob = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(blob.size))))
+    size = 1 << max(10, (longest - 1).bit_length())  # few sizes: few compiled gathers
+    padded = np.zeros(size, np.uint8)
+    padded[: blob.size] = blob
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, size)
+    return [json.loads(bytes(row).rstrip(b"\0")) for row in gathered]
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (SIGTERM may reach hosts apart)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,15 +458,27 @@ class _Preempted:
 
 
 def maybe_initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` for multi-process runs (TPU pods, SLURM, or the
-    ``ELMJAX_COORDINATOR``/``ELMJAX_NUM_PROCESSES``/``ELMJAX_PROCESS_ID`` variables)."""
-    if os.environ.get("ELMJAX_COORDINATOR"):
+    """``jax.distributed.initialize()`` for multi-process runs, before any computation:
+
+    * ``ELMJAX_COORDINATOR`` (``host:port``), ``ELMJAX_NUM_PROCESSES``, ``ELMJAX_PROCESS_ID``:
+      explicit (``launch/local_multiprocess.sh``);
+    * ``ELMJAX_DISTRIBUTED=1``: JAX detects the cluster itself (``launch/tpu_pod.sh`` sets it:
+      on Cloud TPU VMs the worker list is in the metadata server, not in the environment);
+    * inside a multi-task ``srun`` step (SLURM), or on GKE TPU pods (``TPU_WORKER_HOSTNAMES``).
+    """
+    env = os.environ
+    if env.get("ELMJAX_COORDINATOR"):
         jax.distributed.initialize(
-            coordinator_address=os.environ["ELMJAX_COORDINATOR"],
-            num_processes=int(os.environ["ELMJAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["ELMJAX_PROCESS_ID"]),
+            coordinator_address=env["ELMJAX_COORDINATOR"],
+            num_processes=int(env["ELMJAX_NUM_PROCESSES"]),
+            process_id=int(env["ELMJAX_PROCESS_ID"]),
         )
-    elif os.environ.get("SLURM_NTASKS", "1") != "1" or os.environ.get("TPU_WORKER_HOSTNAMES"):
+    elif (
+        env.get("ELMJAX_DISTRIBUTED") == "1"
+        or (env.get("SLURM_STEP_NODELIST") and int(env.get("SLURM_NTASKS", "1")) > 1)
+        or env.get("TPU_WORKER_HOSTNAMES")
+        or env.get("TPU_PROCESS_ADDRESSES")
+    ):
         jax.distributed.initialize()
 
 
@@ -455,7 +527,9 @@ def train(
         """What a checkpoint holds: the trainable parameters and the optimiser state."""
         return {"trainable": nnx.filter_state(state[0], wrt), "opt": state[1]}
 
-    per_host = cfg.train.batch_size // jax.process_count()
+    # This host's block of the global batch (hosts sharing rows read the same examples).
+    shard_index, shard_count = host_slice(fns.batch_sharding, cfg.train.batch_size, cfg.budget)
+    per_host = cfg.train.batch_size // shard_count
     pcfg = pipeline.PipelineConfig(
         seq_len=cfg.budget,
         batch_size=per_host,
@@ -463,7 +537,12 @@ def train(
         seed=cfg.seed,
         pad_id=manifest["vocab"]["pad_id"],
     )
-    train_ds = pipeline.make_dataset(prepare.split_paths(workdir, "train"), pcfg)
+    train_ds = pipeline.make_dataset(
+        prepare.split_paths(workdir, "train"),
+        pcfg,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
     data_iter = iter(train_ds)
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -476,7 +555,13 @@ def train(
         nnx.update(model_now, restored["trainable"])
         nnx.update(opt_now, restored["opt"])
         state = nnx.state((model_now, opt_now))
-        data_iter.set_state(meta["data"])
+        data_states = meta["data"] if isinstance(meta["data"], list) else [meta["data"]]
+        if len(data_states) != jax.process_count():
+            raise ConfigError(
+                f"the checkpoint at step {latest} holds the data positions of "
+                f"{len(data_states)} processes; resume it with {len(data_states)} processes"
+            )
+        data_iter.set_state(data_states[jax.process_index()])
         step, tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         if is_main:
             print(f"resumed from {workdir / 'checkpoints'} at step {step}")
@@ -493,6 +578,12 @@ def train(
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not is_main)
     window = {"loss": 0.0, "tokens": 0, "n": 0, "t0": time.perf_counter()}
     metrics: dict[str, Any] = {}
+    losses: dict[int, float] = {}  # every step of this call
+    # Debug: ELMJAX_STEP_LOG=DIR appends each step's loss and a hash of each row this process
+    # fed to DIR/steps-<process>.jsonl (the tests check what each host read).
+    step_log = os.environ.get("ELMJAX_STEP_LOG")
+    if step_log:
+        Path(step_log).mkdir(parents=True, exist_ok=True)
 
     saved = {"step": latest}
 
@@ -502,7 +593,7 @@ def train(
         meta = {
             "step": step,
             "tokens_seen": tokens_seen,
-            "data": data_iter.get_state(),
+            "data": all_processes(data_iter.get_state()),  # one per process
             "config_hash": manifest["config_hash"],
         }
         ckpt.save(step, saved_part(state), meta, force=True)
@@ -511,12 +602,16 @@ def train(
     try:
         while step < total_steps:
             local = next(data_iter)
-            batch = global_batch(local, fns.batch_sharding)
+            batch = global_batch(local, fns.batch_sharding, cfg.train.batch_size)
             state, out = fns.train_step(state, batch, jax.random.fold_in(key, step))
             step += 1
-            real_tokens = int(np.sum(local["segment_ids"] > 0)) * jax.process_count()
+            real_tokens = int(out["tokens"])
             tokens_seen += real_tokens
-            loss = float(out["loss"])
+            loss = losses[step] = float(out["loss"])
+            if step_log:
+                rows = [hashlib.sha1(row.tobytes()).hexdigest()[:16] for row in local["inputs"]]
+                with open(Path(step_log) / f"steps-{jax.process_index()}.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "loss": loss, "rows": rows}) + "\n")
             if not bool(out["finite"]):
                 raise NonFiniteLossError(step, loss, saved["step"])
             window["loss"] += loss
@@ -544,11 +639,12 @@ def train(
                 metrics["valid_loss"] = validation_loss(cfg, fns, state, workdir, manifest)
                 if writer:
                     writer.add_scalar("valid/loss", metrics["valid_loss"], step)
-            stopping = preempted.flag or (stop_at is not None and step >= stop_at)
+            sigterm = any_process(preempted.flag)  # all hosts stop at the same step
+            stopping = sigterm or (stop_at is not None and step >= stop_at)
             if step % cfg.train.checkpoint_every == 0 or stopping:
                 save(step)
             if stopping:
-                if is_main and preempted.flag:
+                if is_main and sigterm:
                     print(f"SIGTERM: saved step {step}, exiting")
                 break
         else:
@@ -562,6 +658,7 @@ def train(
         data_iter.close() if hasattr(data_iter, "close") else None
     metrics["step"] = step
     metrics["tokens_seen"] = tokens_seen
+    metrics["losses"] = losses
     if cfg.get("eval", {}).get("after_training") and step >= total_steps:
         from elmjax import evaluate  # noqa: PLC0415 (only runs that evaluate need it)
 
@@ -586,20 +683,24 @@ def validation_loss(cfg, fns: StepFns, state, workdir: Path, manifest: dict) -> 
         paths = prepare.split_paths(workdir, "valid")
     except FileNotFoundError:
         return float("nan")
+    rows = cfg.train.batch_size
+    shard_index, shard_count = host_slice(fns.batch_sharding, rows, cfg.budget)
     pcfg = pipeline.PipelineConfig(
         seq_len=cfg.budget,
-        batch_size=cfg.train.batch_size // jax.process_count(),
+        batch_size=rows // shard_count,
         fit=cfg.train.fit,
         shuffle=False,
         num_epochs=1,
         drop_remainder=True,
         pad_id=manifest["vocab"]["pad_id"],
     )
+    dataset = pipeline.make_dataset(paths, pcfg, shard_index=shard_index, shard_count=shard_count)
+    batches = list(itertools.islice(dataset, cfg.train.eval_batches))
+    # Every process must run the same number of (collective) eval steps.
+    n = min(all_processes(len(batches)))
     total = count = 0.0
-    for i, local in enumerate(pipeline.make_dataset(paths, pcfg)):
-        if i >= cfg.train.eval_batches:
-            break
-        t, c = fns.eval_step(state, global_batch(local, fns.batch_sharding))
+    for local in batches[:n]:
+        t, c = fns.eval_step(state, global_batch(local, fns.batch_sharding, rows))
         total, count = total + float(t), count + float(c)
     return total / max(count, 1.0)
 
@@ -624,8 +725,8 @@ def main(argv: Sequence[str]) -> None:
     except (ConfigError, prepare.PrepareError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if jax.process_index() == 0:
-        print(json.dumps({k: v for k, v in metrics.items()}, default=float))
+    if jax.process_index() == 0:  # the per-step losses: TensorBoard (or ELMJAX_STEP_LOG)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "losses"}, default=float))
 
 
 if __name__ == "__main__":
