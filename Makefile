@@ -39,6 +39,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
