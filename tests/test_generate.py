@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import nnx
+from tiny_hf import tiny_hf
 
 from elmjax import generate as gen
 from elmjax import parallel
@@ -31,49 +31,12 @@ PAD = 0
 N = 12  # max_new_tokens
 # Three rows of different lengths: batch bucket 4 (one dummy row), prompt bucket 16.
 LENGTHS = (5, 11, 3)
-SHAPES = dict(
-    vocab_size=V,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 LAYOUTS = {"llama": dict(), "qwen2": dict(scan_layers=True), "gemma2": dict(scan_layers=True)}
 
 
 def _hf_model(family: str):
-    torch.manual_seed(0)
-    if family == "llama":
-        rope = dict(
-            rope_type="llama3",
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=16,
-        )
-        cfg = transformers.LlamaConfig(**SHAPES, rope_scaling=rope, rope_theta=500000.0)
-        cls = transformers.LlamaForCausalLM
-    elif family == "qwen2":
-        cfg = transformers.Qwen2Config(**SHAPES, tie_word_embeddings=True)
-        cls = transformers.Qwen2ForCausalLM
-    else:  # sliding window 4 < prompt + generated length: the window is exercised
-        cfg = transformers.Gemma2Config(
-            **{**SHAPES, "num_hidden_layers": 3},
-            head_dim=16,
-            sliding_window=4,
-            query_pre_attn_scalar=24,
-            attn_logit_softcapping=20.0,
-            final_logit_softcapping=5.0,
-        )
-        cls = transformers.Gemma2ForCausalLM
-    cfg._attn_implementation = "eager"
-    model = cls(cfg).eval()
-    with torch.no_grad():  # larger random weights: more varied continuations
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    # larger random weights: more varied continuations
+    return tiny_hf(family, noise=0.1)
 
 
 @functools.cache

@@ -21,6 +21,7 @@ import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
+from tiny_hf import LLAMA3_ROPE, tiny_hf
 
 from elmjax.models import hf
 from elmjax.models.llm import LLMConfig
@@ -35,59 +36,8 @@ def _exact_matmuls():
 
 
 V, T, EXTRA = 256, 16, 3
-SHAPES = dict(
-    vocab_size=V,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
 # One layout per family, so stacked (scan) and unrolled layers are both exported.
 LAYOUTS = {"llama": dict(), "qwen2": dict(scan_layers=True), "gemma2": dict(scan_layers=True)}
-
-
-def tiny_hf(family: str, seed: int = 0, **overrides):
-    """A tiny random transformers model (float32, eager attention), weights perturbed.
-
-    Llama: GQA + llama3 RoPE scaling; Qwen 2: q/k/v biases + tied embeddings; Gemma 2: three
-    layers, sliding window 4 (< T), both soft-caps.
-    """
-    torch.manual_seed(seed)
-    if family == "llama":
-        cfg = transformers.LlamaConfig(
-            **SHAPES, rope_scaling=dict(LLAMA3_ROPE), rope_theta=500000.0, **overrides
-        )
-        cls = transformers.LlamaForCausalLM
-    elif family == "qwen2":
-        cfg = transformers.Qwen2Config(**SHAPES, tie_word_embeddings=True, **overrides)
-        cls = transformers.Qwen2ForCausalLM
-    else:
-        kwargs = dict(
-            head_dim=16,
-            sliding_window=4,
-            query_pre_attn_scalar=24,
-            attn_logit_softcapping=20.0,
-            final_logit_softcapping=5.0,
-        )
-        cfg = transformers.Gemma2Config(
-            **{**SHAPES, "num_hidden_layers": 3}, **{**kwargs, **overrides}
-        )
-        cls = transformers.Gemma2ForCausalLM
-    cfg._attn_implementation = "eager"
-    model = cls(cfg).eval()
-    with torch.no_grad():  # random biases, norms (Gemma's start at 0) and larger weights
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def load_torch(path, **kwargs):

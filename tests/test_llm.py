@@ -12,6 +12,7 @@ import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
+from tiny_hf import LLAMA3_ROPE, SHAPES, tiny_hf
 
 from elmjax.models import hf
 from elmjax.models.llm import LLM, ExtraVocab, LLMConfig
@@ -25,51 +26,10 @@ def _exact_matmuls():
 
 
 V, T = 256, 16
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
-SHAPES = dict(
-    vocab_size=V,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 
 
 def hf_model(family: str, seed: int = 0):
-    """A tiny random transformers model (float32, eager attention), weights perturbed."""
-    torch.manual_seed(seed)
-    if family == "llama":
-        cfg = transformers.LlamaConfig(
-            **SHAPES, rope_scaling=dict(LLAMA3_ROPE), rope_theta=500000.0
-        )
-        cls = transformers.LlamaForCausalLM
-    elif family == "qwen2":
-        cfg = transformers.Qwen2Config(**SHAPES, tie_word_embeddings=True)
-        cls = transformers.Qwen2ForCausalLM
-    else:
-        cfg = transformers.Gemma2Config(
-            **{**SHAPES, "num_hidden_layers": 3},
-            head_dim=16,
-            sliding_window=4,
-            query_pre_attn_scalar=24,
-            attn_logit_softcapping=20.0,
-            final_logit_softcapping=5.0,
-        )
-        cls = transformers.Gemma2ForCausalLM
-    cfg._attn_implementation = "eager"
-    model = cls(cfg).eval()
-    with torch.no_grad():  # random biases, norms (Gemma's start at 0) and larger weights
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return tiny_hf(family, seed)
 
 
 @pytest.fixture(scope="module")
