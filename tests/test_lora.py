@@ -18,6 +18,8 @@ from elmjax.models.lora import (
     ALL_TARGETS,
     LoRALinear,
     apply_lora,
+    keep_mask,
+    lora_delta,
     lora_state,
     merge_lora,
     trainable_filter,
@@ -106,6 +108,56 @@ def test_dropout_only_in_training_mode():
     perturb_b(stacked)
     stacked.train()
     assert np.abs(np.asarray(logits(stacked)) - np.asarray(logits(stacked))).max() > 1e-3
+
+
+def test_keep_mask_rate_independence_and_determinism():
+    seed = jnp.asarray([12345, 678], jnp.uint32)
+    mask = np.asarray(keep_mask(seed, (8, 256, 512), 0.05))
+    n = mask.size
+    drop = 1.0 - mask.mean()
+    assert abs(drop - 0.05) < 4 * np.sqrt(0.05 * 0.95 / n)  # within 4 sigma of the rate
+    np.testing.assert_array_equal(np.asarray(keep_mask(seed, (8, 256, 512), 0.05)), mask)
+    # Neighbours along every axis, and another seed, are uncorrelated with this mask.
+    m = mask.astype(np.float64) - mask.mean()
+    for other in (
+        m[:, :, 1:] * m[:, :, :-1],
+        m[:, 1:] * m[:, :-1],
+        m[1:] * m[:-1],
+        m * (np.asarray(keep_mask(seed + 1, mask.shape, 0.05)) - mask.mean()),
+    ):
+        assert abs(other.mean() / m.var()) < 0.01
+    half = np.asarray(keep_mask(seed, (1000, 1000), 0.5))
+    assert abs(half.mean() - 0.5) < 0.002
+    assert np.asarray(keep_mask(seed, (64, 64), 0.0)).all()
+    assert not np.asarray(keep_mask(seed, (64, 64), 1.0)).any()
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_lora_delta_backward_equals_autodiff(rate):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+    a = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float32)
+    seed = jnp.asarray([7, 9], jnp.uint32) if rate else None
+
+    def reference(x, a, b):  # the same mask, plain autodiff
+        h = x
+        if rate:
+            h = jnp.where(keep_mask(seed, x.shape, rate), x / (1 - rate), 0.0)
+        return 2.0 * (h @ a @ b)
+
+    def ours(x, a, b):
+        return lora_delta(x, a, b, seed, rate, 2.0)
+
+    np.testing.assert_allclose(ours(x, a, b), reference(x, a, b), rtol=1e-6, atol=1e-6)
+    want = jax.vjp(reference, x, a, b)[1](g)
+    got = jax.vjp(ours, x, a, b)[1](g)
+    for w, o in zip(want, got, strict=True):
+        np.testing.assert_allclose(o, w, rtol=1e-5, atol=1e-5)
+    if rate:  # dropped inputs get exactly zero gradient
+        dropped = ~np.asarray(keep_mask(seed, x.shape, rate))
+        assert dropped.any() and (np.asarray(got[0])[dropped] == 0).all()
 
 
 def _flat(state) -> dict:
