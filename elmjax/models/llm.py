@@ -383,7 +383,12 @@ class Embed(nnx.Module):
         )
         self.embedding = _param(nnx.Param, table, ("vocab", "embed"))
         if config.extra_vocab:
-            rows = _mean_resize(table, config.extra_vocab, rngs.params())
+            # A fresh model draws its extra rows like the others (mean-resizing a random table
+            # would give E near-identical rows); hf.load_hf re-draws them from the loaded
+            # checkpoint's rows with transformers' mean-resizing (resize_extra_vocab).
+            rows = config.initializer_range * jax.random.normal(
+                rngs.params(), (config.extra_vocab, config.hidden_size), pdt
+            )
             self.extra = _param(ExtraVocab, rows, ("vocab", "embed"))
         else:
             self.extra = nnx.data(None)
@@ -430,8 +435,10 @@ class LMHead(nnx.Module):
             rngs.params(), (config.hidden_size, config.vocab_size), pdt
         )
         self.kernel = _param(nnx.Param, w, ("embed", "vocab"))
-        if config.extra_vocab:
-            cols = _mean_resize(w.T, config.extra_vocab, rngs.params()).T
+        if config.extra_vocab:  # drawn like the others, as in Embed
+            cols = config.initializer_range * jax.random.normal(
+                rngs.params(), (config.hidden_size, config.extra_vocab), pdt
+            )
             self.extra = _param(ExtraVocab, cols, ("embed", "vocab"))
         else:
             self.extra = nnx.data(None)
@@ -520,10 +527,13 @@ class Attention(nnx.Module):
         self.scale = c.attn_scale
         self.softcap = c.attn_logit_softcapping
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
-        """``x [B,T,D]``; ``kv_cache``: this layer's ``(k, v) [B,S,K,Dh]`` or None.
+    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None, layer=None):
+        """``x [B,T,D]``; ``kv_cache``: every layer's ``(k, v) [L,B,S,K,Dh]`` or None.
 
-        Returns ``(out [B,T,D], (k, v))`` with the updated layer cache (None without a cache).
+        With a cache, this call's keys/values are written in place at ``[layer, :, index]``
+        of the whole stacked cache (no per-layer slice is copied out and written back) and
+        attention reads layer ``layer``'s slots. Returns ``(out [B,T,D], (k, v))`` with the
+        updated cache (None without one).
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -535,11 +545,12 @@ class Attention(nnx.Module):
         new_cache = None
         if kv_cache is not None:
             ck, cv = kv_cache
-            start = (0, index, 0, 0)
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-            new_cache = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            start = (layer, 0, index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+            new_cache = (ck, cv)
+            k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(q.dtype)
+            v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(q.dtype)
         out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(b, t, -1)), new_cache
 
@@ -575,8 +586,10 @@ class DecoderLayer(nnx.Module):
             self.post_feedforward_layernorm = RMSNorm(d, config=config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
-        h, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, index)
+    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None, layer=None):
+        h, kv_cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, kv_cache, index, layer
+        )
         if self.gemma:
             x = x + self.post_attention_layernorm(h)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -736,37 +749,35 @@ class LLM(nnx.Module):
     def _run_layers(self, x, cos, sin, mask, local, cache, index):
         c = self.config
 
-        def run(layer, x, layer_mask, kv):
-            return layer(x, cos, sin, layer_mask, kv, index)
+        def run(layer, x, layer_mask, kv, i):
+            return layer(x, cos, sin, layer_mask, kv, index, i)
 
         if c.remat:
             run = nnx.remat(run, policy=_remat_policy(c.remat))
 
+        # The stacked cache [L, ...] travels whole (a carry in the scan); each layer writes
+        # its new slots in place, so a decode step copies no layer's cache.
+        kv = (cache.k, cache.v) if cache is not None else None
         if c.scan_layers:
             sliding = jnp.asarray(c.sliding_layers)
-            kv = (cache.k, cache.v) if cache is not None else None
 
             @nnx.scan(
                 in_axes=(nnx.Carry, 0, 0, 0),
-                out_axes=(nnx.Carry, 0),
+                out_axes=nnx.Carry,
                 transform_metadata={nnx.PARTITION_NAME: "layers"},
             )
-            def body(x, layer, is_sliding, layer_kv):
+            def body(carry, layer, is_sliding, i):
+                x, kv = carry
                 layer_mask = mask if local is None else jnp.where(is_sliding, local, mask)
-                return run(layer, x, layer_mask, layer_kv)
+                return run(layer, x, layer_mask, kv, i)
 
-            return body(x, self.layers, sliding, kv)
+            layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+            return body((x, kv), self.layers, sliding, layer_ids)
 
-        new_k = cache.k if cache is not None else None
-        new_v = cache.v if cache is not None else None
         for i, layer in enumerate(self.layers):
             layer_mask = local if c.sliding_layers[i] else mask
-            layer_kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, layer_kv = run(layer, x, layer_mask, layer_kv)
-            if cache is not None:
-                new_k = new_k.at[i].set(layer_kv[0])
-                new_v = new_v.at[i].set(layer_kv[1])
-        return x, (new_k, new_v)
+            x, kv = run(layer, x, layer_mask, kv, i)
+        return x, kv if kv is not None else (None, None)
 
 
 def resize_extra_vocab(model: LLM, seed: int = 0) -> LLM:
