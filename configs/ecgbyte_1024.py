@@ -5,9 +5,12 @@
 
 Arguments after ``:`` (comma-separated):
 
-* ``demo``: the built-in synthetic ECG-QA set (generated under ``runs/demo/data`` when missing),
-  a text tokenizer trained locally on it, 1000 BPE merges, 5-s segments and T = 512, so that the
-  whole pipeline runs on a laptop CPU in minutes.
+* ``demo``: the built-in synthetic ECG-QA set (2,000 ECGs, generated under ``runs/demo/data``
+  when missing), a text tokenizer trained locally on it, 10 s of lead II at 125 Hz, 1000 BPE
+  merges, T = 512, the questions a rhythm strip can answer (``DEMO_FINDINGS``; four per
+  training example), and a tiny decoder (width 128, 2 layers) trained from scratch with every
+  embedding learnt, then evaluated with and without the ECG. The whole run takes minutes on
+  a laptop CPU.
 * ``seg=1250``: 5-s segments instead of 10-s ones (the paper's duration ablation).
 * ``T=512``: another token budget (the paper's budget ablation).
 
@@ -30,6 +33,17 @@ SYSTEM_PROMPT = (
     "You are an expert multimodal assistant for electrocardiogram (ECG) interpretation. You "
     "read the 12-lead ECG signal given before the question and answer like a cardiac "
     "electrophysiologist: precisely, concisely, and only from what the ECG shows."
+)
+
+
+# Findings a lead-II rhythm strip shows: rate, rhythm and QRS width.
+DEMO_FINDINGS = (
+    "sinus rhythm",
+    "sinus bradycardia",
+    "sinus tachycardia",
+    "atrial fibrillation",
+    "complete right bundle branch block",
+    "complete left bundle branch block",
 )
 
 
@@ -61,16 +75,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.root = "runs/demo/data" if demo else "data/ptbxl"  # dataset root (records + tables)
     c.data.qa_root = ""  # where the QA files are, when not under root (ECG-QA's output dir)
     c.data.layout = "ptbxl"  # elmjax.ecg.io layout of the records
-    c.data.generate_ecgs = 400 if demo else 0  # synthetic set: generate this many when missing
-    # Samples at 250 Hz: 2500 = 10 s (paper), 1250 = 5 s. The demo uses 5 s: at T = 512 the
-    # head of the lead-major stream then reaches into lead III, so lead II is always seen.
+    c.data.generate_ecgs = 2000 if demo else 0  # synthetic set: generate this many if missing
+    # Samples per segment at data.target_fs: 2500 at 250 Hz = 10 s (paper); 1250 = 5 s. The
+    # demo reads 10 s of lead II at 125 Hz (1250 samples, about 330 ECG tokens): rhythm needs
+    # several beats of one lead, which the head of a 12-lead stream at T = 512 would not give.
     c.data.seg_len = int(args.get("seg", 1250 if demo else 2500))
-    c.data.target_fs = 250.0
+    c.data.target_fs = 125.0 if demo else 250.0
+    c.data.leads = ("II",) if demo else ()  # leads tokenised, in this order (empty: all 12)
+    # ECG-QA ships each item twice, as "template" and "paraphrased" text (the reference used
+    # both). The demo keeps one: two wordings of one question in one grouped example would
+    # let the second answer be copied from the first.
+    c.data.qa_variants = ("paraphrased",) if demo else ("template", "paraphrased")
+    # QA selection (empty: everything). The demo keeps the questions about findings that a
+    # lead-II strip shows, so every answer depends on the ECG: yes/no questions about each of
+    # DEMO_FINDINGS (template 1) and "What is the rhythm?" (6) / "Which bundle branch block?"
+    # (8).
+    c.data.question_types = ("single-verify", "single-query") if demo else ()
+    c.data.template_ids = (1, 6, 8) if demo else ()  # ECG-QA template_id values to keep
+    c.data.attributes = DEMO_FINDINGS if demo else ()
     c.data.preprocess_mode = "standard"  # or "reference" (see elmjax.ecg.preprocess)
     c.data.segments = "all"  # link each QA item to "all" segments of its record, or "first"
     c.data.split = "published"  # keep the source's split (checked patient-disjoint), or "patient"
     c.data.split_fractions = {"train": 0.8, "valid": 0.1, "test": 0.1}  # for split="patient"
-    c.data.group_questions = 1  # questions about one segment per multi-turn example (1 = off)
+    c.data.group_questions = 4 if demo else 1  # train: questions per ECG per example (1: off)
     c.data.max_examples = {"train": 400_000, "valid": 20_000, "test": 20_000}  # reference caps
     c.data.store_signal = False  # also store the float16 segment in each example
     c.data.examples_per_shard = 2048
@@ -113,6 +140,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "intermediate_size": 512,
             "rope_theta": 10000.0,
             "tie_embeddings": True,
+            # transformers' 0.02 suits widths near 2048; at width 128 it leaves attention
+            # uniform for hundreds of steps. 0.08 is about 1/sqrt(width) (LeCun).
+            "initializer_range": 0.08,
         }
     )
     c.model.dtype = "float32" if demo else "bfloat16"  # compute dtype
@@ -120,7 +150,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.frozen_dtype = "float32" if demo else "bfloat16"  # storage of frozen base weights
     c.model.scan_layers = not demo
     c.model.remat = False if demo else "nothing_saveable"
-    c.model.train_extra_vocab = False  # reference: the new ECG rows stay at their mean init
+    # Train the ECG-token rows? The reference keeps them at their mean-resized init (frozen);
+    # the demo's from-scratch decoder learns every embedding, the ECG rows included.
+    c.model.train_extra_vocab = demo
 
     # --- LoRA (rank 0: full fine-tuning) ------------------------------------------------------
     c.lora = ml_collections.ConfigDict()

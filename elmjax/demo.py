@@ -9,7 +9,7 @@ Steps (each prints what it did and how long it took):
    question files with exact, class-balanced answers.
 2. ``python -m elmjax.prepare --config=configs/ecgbyte_1024.py:demo``
    (:func:`elmjax.prepare.prepare`):
-   preprocess the records (filters, wavelet denoising, 250 Hz, 5-s segments), train the
+   preprocess the records (filters, wavelet denoising, 125 Hz, 10-s segments), train the
    ECG-Byte tokenizer on the train split and a small text tokenizer, and write the tokenized
    conversations as ArrayRecord shards for training.
 3. Print a summary: findings, questions per split and type, answer balance, segments, skips,
@@ -38,7 +38,7 @@ from elmjax import prepare
 from elmjax.config import load_config
 from elmjax.ecg import io, preprocess, render, synth
 
-DEMO_ECGS = 400
+DEMO_ECGS = 2000  # the same set configs/ecgbyte_1024.py:demo trains on
 DEMO_SEED = 0
 
 

@@ -53,13 +53,21 @@ def drop_ecg(ids: np.ndarray, spans: np.ndarray, vocab: text.EcgVocab):
     return ids[~is_ecg], spans - before[spans]
 
 
+def _finding(meta: dict[str, Any]) -> str:
+    """A question's finding: its one ECG-QA attribute, else its attribute type."""
+    attribute = meta.get("attribute")
+    if isinstance(attribute, list) and len(attribute) == 1 and isinstance(attribute[0], str):
+        return attribute[0]
+    return meta.get("attribute_type") or "other"
+
+
 def answer_labels(conversation: dict[str, Any]) -> list[str]:
-    """The finding (``attribute_type``) each answer of a conversation is about."""
+    """The finding each answer of a conversation is about (:func:`_finding`)."""
     meta = conversation.get("meta", {})
     if "questions" in meta:  # grouped conversation
-        return [q.get("attribute_type") or "other" for q in meta["questions"]]
+        return [_finding(q) for q in meta["questions"]]
     n = sum(t["role"] == "assistant" for t in conversation["turns"])
-    return [meta.get("attribute_type") or "other"] * n
+    return [_finding(meta)] * n
 
 
 def _batches(examples: Sequence[dict], batch_size: int):

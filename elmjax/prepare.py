@@ -37,12 +37,13 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from elmjax.data import pipeline, records, sources
 from elmjax.ecg import preprocess, synth
+from elmjax.ecg.io import CANONICAL_LEADS
 from elmjax.tokenize import ecgbyte, text
 
 SHARD_FORMAT = "elmjax-shards/1"
@@ -122,17 +123,78 @@ def make_segments(cfg: ml_collections.ConfigDict, root: Path, workdir: Path) -> 
     return out
 
 
+def _template_id(meta: dict[str, Any]) -> int | None:
+    try:
+        return int(meta.get("template_id"))
+    except (TypeError, ValueError):
+        return None
+
+
+def select_questions(
+    convs: list[sources.Conversation],
+    question_types: Sequence[str] = (),
+    attributes: Sequence[str] = (),
+    template_ids: Sequence[int] = (),
+) -> tuple[list[sources.Conversation], dict[str, Any]]:
+    """Keeps the QA items of the given question types and templates, about the given attributes.
+
+    Each argument is a list of allowed values of an ECG-QA field; an empty list allows
+    everything. ``question_types``: ``question_type`` (e.g. ``single-verify``);
+    ``template_ids``: ``template_id``; ``attributes``: the ``attribute`` list (e.g.
+    ``["atrial fibrillation"]``) must have every entry allowed. Items without an attribute
+    list (ECG-QA's query questions, such as "What is the rhythm?") pass the attribute test:
+    select them by template. Returns the kept items and counts of the dropped ones.
+    """
+    types, attrs, templates = set(question_types), set(attributes), set(template_ids)
+    kept, dropped = [], collections.Counter()
+    for c in convs:
+        meta = c.meta
+        if types and meta.get("question_type") not in types:
+            dropped["question_type"] += 1
+        elif templates and _template_id(meta) not in templates:
+            dropped["template_id"] += 1
+        elif attrs and meta.get("attribute") and not set(meta["attribute"]) <= attrs:
+            dropped["attribute"] += 1
+        else:
+            kept.append(c)
+    if (types or attrs or templates) and not kept:
+        raise PrepareError(
+            f"data.question_types={sorted(types)}, data.template_ids={sorted(templates)} and "
+            f"data.attributes={sorted(attrs)} leave no QA item of {len(convs)}"
+        )
+    return kept, {"kept": len(kept), "dropped": dict(dropped)}
+
+
 def load_conversations(
     cfg: ml_collections.ConfigDict, root: Path
 ) -> tuple[list[sources.Conversation], dict[str, Any]]:
-    """Reads the configured source into conversations."""
+    """Reads the configured source into conversations, filtered by the question selection."""
+    convs, report = _read_source(cfg, root)
+    types = tuple(cfg.data.get("question_types", ()) or ())
+    attrs = tuple(cfg.data.get("attributes", ()) or ())
+    templates = tuple(int(t) for t in cfg.data.get("template_ids", ()) or ())
+    if types or attrs or templates:
+        convs, report["selected"] = select_questions(convs, types, attrs, templates)
+        report["kept"] = len(convs)
+    return convs, report
+
+
+def _read_source(
+    cfg: ml_collections.ConfigDict, root: Path
+) -> tuple[list[sources.Conversation], dict[str, Any]]:
     name, qa_root = cfg.data.source, Path(cfg.data.qa_root or root)
+    variants = tuple(cfg.data.get("qa_variants", sources.ECGQA_VARIANTS))
+    unknown = set(variants) - set(sources.ECGQA_VARIANTS)
+    if unknown or not variants:
+        raise PrepareError(
+            f"data.qa_variants {list(variants)}: use one or both of {list(sources.ECGQA_VARIANTS)}"
+        )
     if name == "synthetic":
-        return sources.load_synthetic(root)
+        return sources.load_synthetic(root, variants=variants)
     if name in ("ecgqa-ptbxl", "ecgqa-mimic"):
         dataset = "ptbxl" if name == "ecgqa-ptbxl" else "mimic-iv-ecg"
         ecgqa_dir = qa_root / "ecgqa" if (qa_root / "ecgqa").is_dir() else qa_root
-        return sources.load_ecgqa(ecgqa_dir, root, dataset)
+        return sources.load_ecgqa(ecgqa_dir, root, dataset, variants=variants)
     if name == "pulse":
         return sources.load_pulse(qa_root / "ECGInstruct.json", {cfg.data.layout: str(root)})
     if name == "ecg-chat":
@@ -245,11 +307,29 @@ def group_per_segment(
 # ----------------------------------------------------------------------------------------------
 
 
-def _segment_batches(rows_idx: Sequence[int], fetch, batch: int = 512):
-    """Float32 ``[b, 12, L]`` batches of the given segment rows, in order."""
+def lead_indices(cfg: ml_collections.ConfigDict) -> list[int] | None:
+    """Rows of the canonical 12-lead order that ``data.leads`` keeps (None: all 12)."""
+    leads = tuple(cfg.data.get("leads", ()) or ())
+    if not leads:
+        return None
+    by_name = {name.lower(): i for i, name in enumerate(CANONICAL_LEADS)}
+    unknown = [lead for lead in leads if lead.lower() not in by_name]
+    if unknown:
+        raise PrepareError(
+            f"data.leads: unknown lead(s) {unknown}; use names from {list(CANONICAL_LEADS)}"
+        )
+    idx = [by_name[lead.lower()] for lead in leads]
+    if len(set(idx)) != len(idx):
+        raise PrepareError(f"data.leads {list(leads)} names a lead twice")
+    return idx
+
+
+def _segment_batches(rows_idx: Sequence[int], fetch, batch: int = 512, leads=None):
+    """Float32 ``[b, 12, L]`` batches of the given segment rows, in order (``leads``: rows kept)."""
     for start in range(0, len(rows_idx), batch):
         part = rows_idx[start : start + batch]
-        yield part, np.stack([np.asarray(fetch(i), dtype=np.float32) for i in part])
+        x = np.stack([np.asarray(fetch(i), dtype=np.float32) for i in part])
+        yield part, x if leads is None else x[:, leads]
 
 
 def model_vocab_size(cfg: ml_collections.ConfigDict) -> int:
@@ -296,7 +376,7 @@ def ecg_tokenizer(
     symbols = np.concatenate(
         [
             ecgbyte.discretise(x, per_lead=tc.per_lead_norm).symbols
-            for _, x in _segment_batches(rows.tolist(), fetch)
+            for _, x in _segment_batches(rows.tolist(), fetch, leads=lead_indices(cfg))
         ]
     )
     t0 = time.perf_counter()
@@ -342,7 +422,7 @@ def encode_segments(
     per_lead = cfg.truncation == "time"
     out: dict[int, Any] = {}
     bar = tqdm(total=len(rows_idx), desc="ECG -> ids", unit="seg", disable=not len(rows_idx))
-    for part, x in _segment_batches(list(rows_idx), fetch):
+    for part, x in _segment_batches(list(rows_idx), fetch, leads=lead_indices(cfg)):
         encoded = tok.encode_signal(
             x, mode=tc.encode_mode, leads=per_lead, workers=cfg.data.workers
         )
@@ -619,6 +699,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
             "truncation='time' cuts every lead at the same second, which needs an ECG tokenizer "
             "whose tokens never span two leads: set ecg_tokenizer.lead_boundaries=True"
         )
+    lead_indices(cfg)
     if cfg.budget < 16:
         raise PrepareError(f"budget {cfg.budget} is too small for any chat example")
     model_vocab_size(cfg)  # a configured model checkpoint must exist
@@ -644,8 +725,10 @@ def prepare(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     segs_by_record, _, fetch = segment_index(seg_dir, root)
     convs, source_report = load_conversations(cfg, root)
     splits, link_report = link_and_split(cfg, convs, segs_by_record)
-    for split in splits:
-        splits[split] = group_per_segment(splits[split], cfg.data.group_questions, cfg.seed)
+    # Grouping packs more answers into each training sequence. Evaluation splits keep one
+    # question per example: in a group, earlier reference answers would hint at later ones.
+    if "train" in splits:
+        splits["train"] = group_per_segment(splits["train"], cfg.data.group_questions, cfg.seed)
     segment_rows = {
         c.example_id: segs_by_record[c.record][c.segment]
         for items in splits.values()
@@ -744,8 +827,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config=configs/X.py[:arg] is required")
+    cfg = _CONFIG.value
+    if _WORKDIR.value:
+        cfg.workdir = _WORKDIR.value
     try:
-        prepare(_CONFIG.value)
+        prepare(cfg)
     except (PrepareError, sources.SourceFormatError, sources.UnsafePathError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -756,4 +842,5 @@ if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "configs/X.py[:arg]", lock_config=False
     )
+    _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: config.workdir)")
     app.run(main)

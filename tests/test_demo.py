@@ -12,7 +12,7 @@ def test_demo_end_to_end_and_rerun(tmp_path, capsys):
     out = capsys.readouterr().out
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["ecgs"] == 12
-    assert summary["segments"] == 24  # two 5-s segments per 10-s record
+    assert summary["segments"] == 12  # one 10-s lead-II segment per record (demo config)
     assert sum(s["examples"] for s in summary["prepared"].values()) > 0
     assert summary["records_skipped"] == 0
     assert sum(summary["ecgs_per_split"].values()) == 12
@@ -29,4 +29,4 @@ def test_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert "reusing the synthetic corpus" in out
     report = json.loads((workdir / "ecgbyte" / "segments" / "report.json").read_text())
     assert report["counts"]["chunks_processed_this_run"] == 0
-    assert json.loads((workdir / "summary.json").read_text())["segments"] == 24
+    assert json.loads((workdir / "summary.json").read_text())["segments"] == 12

@@ -73,5 +73,14 @@ def test_drop_ecg_moves_spans_onto_the_same_tokens():
 
 
 def test_answer_labels_of_grouped_conversations():
-    conv = {"meta": {"questions": [{"attribute_type": "rhythm"}, {"attribute_type": None}]}}
-    assert evaluate.answer_labels(conv) == ["rhythm", "other"]
+    conv = {
+        "meta": {
+            "questions": [
+                {"attribute_type": "rhythm"},
+                {"attribute_type": None},
+                {"attribute_type": "rhythm", "attribute": ["atrial fibrillation"]},
+                {"attribute_type": "st_segment", "attribute": ["st elevation", "lead II"]},
+            ]
+        }
+    }
+    assert evaluate.answer_labels(conv) == ["rhythm", "other", "atrial fibrillation", "st_segment"]

@@ -20,6 +20,7 @@ def tiny_config(tmp_path, **changes):
     cfg.data.root = str(tmp_path / "data")
     cfg.data.generate_ecgs = 40
     cfg.data.workers = 1
+    cfg.data.group_questions = 1  # one QA item per example (grouping: test_train)
     cfg.data.examples_per_shard = 64
     cfg.data.max_examples = {"train": 400, "valid": 100, "test": 100}
     cfg.ecg_tokenizer.num_merges = 60
@@ -132,6 +133,76 @@ def test_time_policy_cuts_every_lead_at_the_same_second(tmp_path):
     assert tok.lead_boundaries
     ex = all_examples(cfg.workdir, "train")[0]
     assert len(ex["input_ids"]) <= 300 and ex["ecg_kept"] > 0
+
+
+def _conv(i, qtype, attribute, template=1):
+    return sources.Conversation(
+        example_id=f"e{i}",
+        record="records500/00000/00001_hr",
+        layout="ptbxl",
+        patient_id="1",
+        segment=None,
+        turns=({"role": "user", "text": "q?"}, {"role": "assistant", "text": "yes"}),
+        meta={"question_type": qtype, "attribute": attribute, "template_id": template},
+    )
+
+
+def test_select_questions_and_leads():
+    convs = [
+        _conv(0, "single-verify", ["atrial fibrillation"]),
+        _conv(1, "single-verify", ["st elevation", "lead II"]),
+        _conv(2, "single-query", None, template=6),
+        _conv(3, "single-choose", ["atrial fibrillation", "sinus rhythm"], template=4),
+        _conv(4, "single-verify", ["sinus rhythm"]),
+    ]
+    kept, report = prepare.select_questions(convs, ["single-verify"], [])
+    assert [c.example_id for c in kept] == ["e0", "e1", "e4"]
+    assert report == {"kept": 3, "dropped": {"question_type": 2}}
+    kept, report = prepare.select_questions(convs, [], ["atrial fibrillation", "sinus rhythm"])
+    assert [c.example_id for c in kept] == ["e0", "e2", "e3", "e4"]  # all attributes listed
+    assert report["dropped"] == {"attribute": 1}
+    # Query items have no attribute list: they pass the attribute test, chosen by template.
+    kept, report = prepare.select_questions(convs, [], ["atrial fibrillation"], [1, 6])
+    assert [c.example_id for c in kept] == ["e0", "e2"]
+    assert report["dropped"] == {"template_id": 1, "attribute": 2}
+    with pytest.raises(prepare.PrepareError, match="leave no QA item of 5"):
+        prepare.select_questions(convs, ["single-verify"], ["lead V1"])
+
+    cfg = load_config("ecgbyte_1024")
+    assert prepare.lead_indices(cfg) is None
+    cfg.data.leads = ("II", "v1", "aVF")
+    assert prepare.lead_indices(cfg) == [1, 6, 5]
+    cfg.data.leads = ("II", "V7")
+    with pytest.raises(prepare.PrepareError, match=r"unknown lead\(s\) \['V7'\]"):
+        prepare.lead_indices(cfg)
+    cfg.data.leads = ("II", "ii")
+    with pytest.raises(prepare.PrepareError, match="names a lead twice"):
+        prepare.lead_indices(cfg)
+
+
+def test_one_lead_streams_and_question_selection(prepared, tmp_path):
+    """The demo config tokenises lead II only and keeps only its yes/no questions."""
+    cfg, manifest = prepared
+    assert tuple(cfg.data.leads) == ("II",)
+    examples = all_examples(cfg.workdir, "train")
+    for ex in examples:
+        meta = json.loads(ex["conversation"])["meta"]
+        for q in meta.get("questions", [meta]):
+            assert q["template_id"] in cfg.data.template_ids
+            assert q["question_type"] in cfg.data.question_types
+            if q["question_type"] == "single-verify":
+                assert set(q["attribute"]) <= set(cfg.data.attributes)
+            assert q["variant"] == "paraphrased"
+    twelve = tiny_config(tmp_path, **{"data.leads": ()})
+    twelve.data.root = cfg.data.root  # same corpus, all 12 leads
+    prepare.prepare(twelve)
+
+    # One lead's stream (before truncation) is about 1/12 of the 12-lead stream.
+    def stream_len(workdir):
+        exs = all_examples(workdir, "train")
+        return np.mean([int(ex["ecg_kept"]) + int(ex["ecg_dropped"]) for ex in exs])
+
+    assert 8 < stream_len(twelve.workdir) / stream_len(cfg.workdir) < 16
 
 
 def test_bad_settings_are_named(tmp_path):
