@@ -218,6 +218,19 @@ def test_scan_and_remat_give_identical_logits_and_grads(checkpoints):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_fresh_model_draws_distinct_extra_rows(tie):
+    """A random model's ECG rows are drawn like its base rows, not all at one mean."""
+    cfg = LLMConfig(extra_vocab=64, tie_embeddings=tie, initializer_range=0.05)
+    model = LLM(cfg, rngs=nnx.Rngs(0))
+    tables = [np.asarray(model.embed_tokens.extra[...])]
+    if not tie:
+        tables.append(np.asarray(model.lm_head.extra[...]).T)
+    for rows in tables:
+        assert rows.shape == (64, cfg.hidden_size)
+        np.testing.assert_allclose(rows.std(axis=0).mean(), 0.05, rtol=0.1)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama"])  # tied, untied
 def test_extra_vocab_rows_mean_resized_and_used_by_head(checkpoints, family):
     path, ref = checkpoints[family]

@@ -205,6 +205,23 @@ def test_one_lead_streams_and_question_selection(prepared, tmp_path):
     assert 8 < stream_len(twelve.workdir) / stream_len(cfg.workdir) < 16
 
 
+def test_grouping_applies_to_the_train_split_only(prepared, tmp_path):
+    cfg, _ = prepared
+    grouped = tiny_config(tmp_path, **{"data.group_questions": 3})
+    grouped.data.root = cfg.data.root
+    prepare.prepare(grouped)
+
+    def sizes(split):
+        return [
+            len(json.loads(ex["conversation"])["meta"].get("questions", [None]))
+            for ex in all_examples(grouped.workdir, split)
+        ]
+
+    assert max(sizes("train")) == 3
+    for split in ("valid", "test"):
+        assert set(sizes(split)) == {1}
+
+
 def test_bad_settings_are_named(tmp_path):
     cfg = tiny_config(tmp_path)
     cfg.data.source = "nope"
@@ -226,7 +243,7 @@ def test_cli(tmp_path):
         "-m",
         "elmjax.prepare",
         "--config=configs/ecgbyte_1024.py:demo",
-        f"--config.workdir={run}",
+        f"--workdir={run}",
         f"--config.data.root={tmp_path / 'data'}",
         "--config.data.generate_ecgs=6",
         "--config.data.workers=1",

@@ -96,11 +96,10 @@ class LoRALinear(Linear):
         y = super().__call__(x)
         a = self.lora_a[...].astype(self.dtype)
         b = self.lora_b[...].astype(self.dtype)
-        drop = self.dropout
-        if drop is None or drop.deterministic or not drop.rate:
-            return y + lora_delta(x.astype(self.dtype), a, b, None, rate=0.0, scale=self.scale)
-        seed = jax.random.bits(drop.rngs(), (2,), jnp.uint32)
-        return y + lora_delta(x.astype(self.dtype), a, b, seed, rate=drop.rate, scale=self.scale)
+        drop, seed, rate = self.dropout, None, 0.0
+        if drop is not None and not drop.deterministic and drop.rate:
+            seed, rate = jax.random.bits(drop.rngs(), (2,), jnp.uint32), drop.rate
+        return y + lora_delta(x.astype(self.dtype), a, b, seed, rate=rate, scale=self.scale)
 
     def merged_kernel(self) -> jax.Array:
         """``W + scale * A @ B`` in the kernel's dtype."""
