@@ -63,7 +63,7 @@ def shard_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config fields that determine the shards' content (hashed into the manifest)."""
     return {
         "representation": cfg.representation,
-        "data": cfg.data.to_dict(),
+        "data": {k: v for k, v in cfg.data.to_dict().items() if k != "download_hint"},
         "ecg_tokenizer": cfg.ecg_tokenizer.to_dict(),
         "text": cfg.text.to_dict(),
         "budget": cfg.budget,
@@ -104,7 +104,8 @@ def ensure_data(cfg: ml_collections.ConfigDict) -> Path:
             root, num_ecgs=cfg.data.generate_ecgs, seed=cfg.seed, workers=cfg.data.workers
         )
     if not root.is_dir():
-        raise PrepareError(f"data.root {root} does not exist")
+        hint = cfg.data.get("download_hint", "")
+        raise PrepareError(f"data.root {root} does not exist" + (f": {hint}" if hint else ""))
     return root
 
 
@@ -343,11 +344,11 @@ def model_vocab_size(cfg: ml_collections.ConfigDict) -> int:
         return 0
     config = Path(checkpoint) / "config.json"
     if not config.exists():
-        raise PrepareError(
-            f"model.checkpoint {checkpoint}: no config.json there. Download the model's Hugging "
-            "Face files (config.json, model.safetensors*, tokenizer*) into that directory, or set "
-            "--config.model.checkpoint=DIR"
+        hint = cfg.model.get("download_hint", "") or (
+            "download the model's Hugging Face files (config.json, model.safetensors*, "
+            "tokenizer*) into that directory, or set --config.model.checkpoint=DIR"
         )
+        raise PrepareError(f"model.checkpoint {checkpoint}: no config.json there. To fix: {hint}")
     return int(json.loads(config.read_text()).get("vocab_size", 0))
 
 
@@ -375,7 +376,9 @@ def ecg_tokenizer(
         raise PrepareError("no training segments to train the ECG tokenizer on")
     symbols = np.concatenate(
         [
-            ecgbyte.discretise(x, per_lead=tc.per_lead_norm).symbols
+            ecgbyte.discretise(
+                x, per_lead=tc.per_lead_norm, centred=tc.get("centred_norm", False)
+            ).symbols
             for _, x in _segment_batches(rows.tolist(), fetch, leads=lead_indices(cfg))
         ]
     )
@@ -384,6 +387,7 @@ def ecg_tokenizer(
         symbols,
         tc.num_merges,
         per_lead_norm=tc.per_lead_norm,
+        centred_norm=tc.get("centred_norm", False),
         lead_boundaries=tc.lead_boundaries,
         mode=tc.encode_mode,
         workers=cfg.data.workers,
@@ -704,10 +708,12 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         raise PrepareError(f"budget {cfg.budget} is too small for any chat example")
     model_vocab_size(cfg)  # a configured model checkpoint must exist
     if cfg.text.tokenizer and not Path(cfg.text.tokenizer).is_dir():
+        hint = cfg.get("model", {}).get("download_hint", "") or (
+            "put the LLM's tokenizer files (tokenizer.json or tokenizer.model, "
+            "tokenizer_config.json) there, or set --config.text.tokenizer=DIR"
+        )
         raise PrepareError(
-            f"text.tokenizer {cfg.text.tokenizer} is not a directory: put the LLM's tokenizer "
-            "files (tokenizer.json or tokenizer.model, tokenizer_config.json) there, or set "
-            "--config.text.tokenizer=DIR"
+            f"text.tokenizer {cfg.text.tokenizer} is not a directory. To fix: {hint}"
         )
 
 

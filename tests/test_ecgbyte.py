@@ -159,6 +159,57 @@ def test_discretise_batch_shapes_flat_cap_and_nan():
         eb.discretise(np.zeros(5))
 
 
+def test_discretise_centred_exact():
+    x = np.array([[-1.0, 0.0, 0.5], [2.0, -0.25, 0.0]])
+    d = eb.discretise(x, centred=True)
+    # range [-2, 2]: v = (x + 2) / (4 + 1e-6); floor(26 v) = 6, 12, 16 / 25, 11, 12
+    np.testing.assert_array_equal(d.symbols, [[6, 12, 16], [25, 11, 12]])
+    assert (d.lo, d.hi) == (-2.0, 2.0)
+    # per lead: lead 0 spans [-1, 1], lead 1 [-2, 2]
+    d = eb.discretise(x, centred=True, per_lead=True)
+    np.testing.assert_array_equal(d.symbols, [[0, 12, 19], [25, 11, 12]])
+    np.testing.assert_array_equal(d.hi, [1.0, 2.0])
+    # the same wave, upright or inverted, keeps its baseline symbol (min-max moves it)
+    wave = np.array([[0.0, 0.0, 1.0, 0.2, 0.0]])
+    for flipped in (wave, -wave, 3 * wave):
+        assert eb.discretise(flipped, centred=True).symbols[0, 0] == 12
+    assert eb.discretise(wave).symbols[0, 0] != eb.discretise(-wave).symbols[0, 0]
+    flat = eb.discretise(np.zeros((2, 4)), centred=True)
+    assert flat.symbols.max() == 0 and (flat.lo, flat.hi) == (0.0, 0.0)  # as min-max
+    with pytest.raises(ValueError, match="NaN"):
+        eb.discretise(np.array([[0.0, np.nan, 1.0]]), centred=True)
+
+
+@pytest.mark.parametrize("per_lead", [False, True])
+def test_discretise_centred_parallel_equals_numpy(per_lead):
+    x = np.random.default_rng(4).normal(size=(64, 12, 500)) + 0.3  # big enough for threads
+    axes = (-1,) if per_lead else (-2, -1)
+    a = np.abs(x).max(axis=axes, keepdims=True)
+    v = np.clip((x + a) / (2 * a + 1e-6), 0, 1)
+    expected = np.minimum(np.floor(v * 26), 25).astype(np.uint8)
+    d = eb.discretise(x, centred=True, per_lead=per_lead, workers=2)
+    np.testing.assert_array_equal(d.symbols, expected)
+    err = np.abs(eb.symbols_to_signal(d.symbols, d.lo, d.hi) - x) / ((2 * a + 1e-6) / 26)
+    assert err.max() <= 0.5 + 1e-9
+
+
+def test_centred_tokenizer_encodes_and_saves_its_normalisation(tmp_path):
+    rng = np.random.default_rng(5)
+    x = np.cumsum(rng.normal(size=(8, 2, 300)), axis=-1)
+    symbols = eb.discretise(x, centred=True).symbols
+    tok = ECGByteTokenizer.train(symbols, 40, centred_norm=True, progress=False)
+    assert tok.settings()["centred_norm"] is True
+    ids = tok.encode_signal(x)
+    assert all(np.array_equal(a, b) for a, b in zip(ids, tok.encode(symbols), strict=True))
+    path = tmp_path / "centred.json"
+    tok.save(path)
+    loaded = ECGByteTokenizer.load(path)
+    assert loaded.centred_norm and loaded.fingerprint() == tok.fingerprint()
+    plain = ECGByteTokenizer(tok.merges)
+    assert "centred_norm" not in plain.settings()  # min-max files keep their fingerprints
+    assert plain.fingerprint() != tok.fingerprint()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("per_lead", [False, True])
 def test_discretise_equals_numpy_formula(dtype, per_lead):

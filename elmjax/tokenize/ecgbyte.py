@@ -17,7 +17,11 @@ Discretisation (:func:`discretise`)
 -----------------------------------
 ``v = clip((x - min) / (max - min + 1e-6), 0, 1)``, symbol ``min(floor(26 v), 25)``, computed in
 float64. ``min``/``max`` are taken over the whole ``[12, L]`` array of each ECG (the reference's
-choice, the default) or per lead (``per_lead=True``). :func:`symbols_to_signal` decodes to bin
+choice, the default) or per lead (``per_lead=True``). With ``centred=True`` the range is
+``[-a, a]``, ``a = max |x|`` (same scopes), so 0 mV always falls on the boundary of symbols 12
+and 13 whatever the polarity of the largest wave: with min-max, the isoelectric line of a lead
+whose QRS points down sits near 'z' and that of one whose QRS points up near 'a', so the same
+wave shape becomes different symbols in different ECGs. :func:`symbols_to_signal` decodes to bin
 centres, ``min + (k + 1/2) (max - min + 1e-6) / 26``, so the error is at most half a bin,
 ``(max - min + 1e-6) / 52``, for every sample; the reference's ``k/25 (max - min) + min`` is
 available with ``centres=False`` and is off by up to a whole bin, ``(max - min) / 26``.
@@ -86,7 +90,8 @@ unpickler refuses every class and function reference.
 CLI::
 
     python -m elmjax.tokenize.ecgbyte train --segments DIR --num-merges 5000 --out tok.json \\
-        [--max-ecgs K] [--per-lead-norm] [--lead-boundaries] [--workers N] [--seed S]
+        [--max-ecgs K] [--per-lead-norm] [--centred-norm] [--lead-boundaries] \\
+        [--workers N] [--seed S]
     python -m elmjax.tokenize.ecgbyte encode --tokenizer tok.json --segments DIR \\
         --out ids.npz [--mode bpe|reference]
     python -m elmjax.tokenize.ecgbyte stats --tokenizer tok.json --segments DIR [--plot h.png]
@@ -172,17 +177,24 @@ class Discretised(NamedTuple):
 
 
 def discretise(
-    signal: np.ndarray, *, per_lead: bool = False, workers: int | None = None
+    signal: np.ndarray,
+    *,
+    per_lead: bool = False,
+    centred: bool = False,
+    workers: int | None = None,
 ) -> Discretised:
     """Min-max normalises and quantises ECGs to 26 symbols.
 
     ``v = clip((x - min) / (max - min + 1e-6), 0, 1)``, symbol ``min(floor(26 v), 25)``, in
     float64. ``min``/``max`` over each ECG's whole ``[leads, L]`` array (the reference), or over
     each lead with ``per_lead=True``. A flat ECG (or lead) gives symbol 0 everywhere.
+    ``centred=True`` uses ``-a``/``a`` with ``a = max(-min, max)`` instead (0 stays between
+    symbols 12 and 13; a flat zero ECG gives symbol 0, as with min-max).
 
     Args:
       signal: float ``[leads, L]`` (one ECG) or ``[B, leads, L]``.
       per_lead: normalise each lead by its own min and max.
+      centred: normalise by the largest absolute value, symmetrically around 0.
       workers: numba threads for large batches (None: numba's default, all cores).
 
     Returns:
@@ -203,9 +215,10 @@ def discretise(
     hi = np.empty((batch.shape[0], groups), np.float64)
     with _numba_threads(workers) as threads:
         if threads > 1 and batch.size >= _PARALLEL_MIN_SYMBOLS:
-            _discretise_parallel(batch, per_lead, symbols, lo, hi, min(4 * threads, len(batch)))
+            n_chunks = min(4 * threads, len(batch))
+            _discretise_parallel(batch, per_lead, centred, symbols, lo, hi, n_chunks)
         else:
-            _discretise_range(batch, per_lead, symbols, lo, hi, 0, len(batch))
+            _discretise_range(batch, per_lead, centred, symbols, lo, hi, 0, len(batch))
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise ValueError("signal contains NaN or inf")
     stats_shape = x.shape[:-2] + ((x.shape[-2],) if per_lead else ())
@@ -213,7 +226,7 @@ def discretise(
 
 
 @njit(cache=True)
-def _discretise_range(x, per_lead, symbols, lo, hi, e0, e1):
+def _discretise_range(x, per_lead, centred, symbols, lo, hi, e0, e1):
     """ECGs ``e0..e1-1``: min/max over the ECG or each lead, then the symbols, in float64 with
     exactly the operations of the formula (no fastmath, so numpy gives the same symbols)."""
     leads, length = x.shape[1], x.shape[2]
@@ -230,6 +243,11 @@ def _discretise_range(x, per_lead, symbols, lo, hi, e0, e1):
                         mn = v
                     if v > mx or v != v:
                         mx = v
+            if centred:
+                a = abs(max(-mn, mx))  # >= 0 (abs: no -0.0)
+                if mn != mn or mx != mx:
+                    a = mn + mx  # NaN: the caller raises
+                mn, mx = -a, a
             lo[e, g] = mn
             hi[e, g] = mx
             if not (np.isfinite(mn) and np.isfinite(mx)):
@@ -243,13 +261,12 @@ def _discretise_range(x, per_lead, symbols, lo, hi, e0, e1):
 
 
 @njit(cache=True, parallel=True)
-def _discretise_parallel(x, per_lead, symbols, lo, hi, n_chunks):
+def _discretise_parallel(x, per_lead, centred, symbols, lo, hi, n_chunks):
     """:func:`_discretise_range` over chunks of ECGs in parallel."""
     batch = x.shape[0]
     for ch in prange(n_chunks):
-        _discretise_range(
-            x, per_lead, symbols, lo, hi, ch * batch // n_chunks, (ch + 1) * batch // n_chunks
-        )
+        e0, e1 = ch * batch // n_chunks, (ch + 1) * batch // n_chunks
+        _discretise_range(x, per_lead, centred, symbols, lo, hi, e0, e1)
 
 
 def symbols_to_signal(
@@ -1084,6 +1101,7 @@ class ECGByteTokenizer:
       merges: int32 ``[M, 2]``, merge ``i`` joins ids ``(merges[i, 0], merges[i, 1])`` into id
         ``num_symbols + i``.
       per_lead_norm: the symbols were made with per-lead min-max (:meth:`encode_signal` uses it).
+      centred_norm: the symbols were made with ``discretise(centred=True)`` (likewise).
       lead_boundaries: trained with no token spanning two leads; encoding then goes lead by lead.
       mode: default encoding mode, ``"bpe"`` or ``"reference"`` (greedy longest match).
       num_symbols: alphabet size (26).
@@ -1095,6 +1113,7 @@ class ECGByteTokenizer:
         merges: np.ndarray,
         *,
         per_lead_norm: bool = False,
+        centred_norm: bool = False,
         lead_boundaries: bool = False,
         mode: str = "bpe",
         num_symbols: int = NUM_SYMBOLS,
@@ -1119,6 +1138,7 @@ class ECGByteTokenizer:
             raise ValueError("the same pair is merged twice")
         self.merges = np.ascontiguousarray(merges, np.int32)
         self.per_lead_norm = bool(per_lead_norm)
+        self.centred_norm = bool(centred_norm)
         self.lead_boundaries = bool(lead_boundaries)
         self.mode = mode
         self.num_symbols = int(num_symbols)
@@ -1137,6 +1157,7 @@ class ECGByteTokenizer:
         num_merges: int,
         *,
         per_lead_norm: bool = False,
+        centred_norm: bool = False,
         lead_boundaries: bool = False,
         mode: str = "bpe",
         min_frequency: int = 2,
@@ -1145,7 +1166,8 @@ class ECGByteTokenizer:
     ) -> ECGByteTokenizer:
         """Trains on uint8 symbols ``[B, leads, L]`` with :func:`train_bpe`.
 
-        ``per_lead_norm`` records how the symbols were made (it does not change training);
+        ``per_lead_norm`` and ``centred_norm`` record how the symbols were made (they do not
+        change training);
         ``lead_boundaries``, ``min_frequency``, ``workers`` and ``progress`` go to
         :func:`train_bpe`.
         """
@@ -1157,7 +1179,13 @@ class ECGByteTokenizer:
             workers=workers,
             progress=progress,
         )
-        return cls(merges, per_lead_norm=per_lead_norm, lead_boundaries=lead_boundaries, mode=mode)
+        return cls(
+            merges,
+            per_lead_norm=per_lead_norm,
+            centred_norm=centred_norm,
+            lead_boundaries=lead_boundaries,
+            mode=mode,
+        )
 
     # -- properties -----------------------------------------------------------------------------
 
@@ -1179,12 +1207,15 @@ class ECGByteTokenizer:
 
     def settings(self) -> dict[str, Any]:
         """The settings that, with the merges, fix how a signal becomes ids."""
-        return {
+        out = {
             "num_symbols": self.num_symbols,
             "per_lead_norm": self.per_lead_norm,
             "lead_boundaries": self.lead_boundaries,
             "mode": self.mode,
         }
+        if self.centred_norm:  # only when set: min-max files keep their fingerprints
+            out["centred_norm"] = True
+        return out
 
     def fingerprint(self) -> str:
         """sha256 hex digest of the merges and :meth:`settings` (canonical JSON; ``source`` is
@@ -1199,7 +1230,8 @@ class ECGByteTokenizer:
     def __repr__(self) -> str:
         return (
             f"ECGByteTokenizer(vocab_size={self.vocab_size}, mode={self.mode!r}, "
-            f"per_lead_norm={self.per_lead_norm}, lead_boundaries={self.lead_boundaries}, "
+            f"per_lead_norm={self.per_lead_norm}, centred_norm={self.centred_norm}, "
+            f"lead_boundaries={self.lead_boundaries}, "
             f"source={self.source!r})"
         )
 
@@ -1304,6 +1336,13 @@ class ECGByteTokenizer:
         per_ecg = [parts[i : i + corpus.leads] for i in range(0, len(parts), corpus.leads)]
         return per_ecg if batched else per_ecg[0]
 
+    def discretise(self, signal: np.ndarray, *, workers: int | None = None) -> np.ndarray:
+        """The symbols of ``signal`` as this tokenizer's training symbols were made
+        (:func:`discretise` with :attr:`per_lead_norm` and :attr:`centred_norm`)."""
+        return discretise(
+            signal, per_lead=self.per_lead_norm, centred=self.centred_norm, workers=workers
+        ).symbols
+
     def encode_signal(
         self,
         signal: np.ndarray,
@@ -1312,10 +1351,10 @@ class ECGByteTokenizer:
         leads: bool = False,
         workers: int | None = None,
     ) -> Any:
-        """:func:`discretise` (with :attr:`per_lead_norm`) then :meth:`encode`
+        """:func:`discretise` (with :attr:`per_lead_norm`, :attr:`centred_norm`) then :meth:`encode`
         (:meth:`encode_leads` with ``leads=True``). ``signal``: float ``[12, L]`` or
         ``[B, 12, L]``."""
-        symbols = discretise(signal, per_lead=self.per_lead_norm, workers=workers).symbols
+        symbols = self.discretise(signal, workers=workers)
         if leads:
             return self.encode_leads(symbols, mode=mode, workers=workers)
         return self.encode(symbols, mode=mode, workers=workers)
@@ -1395,6 +1434,7 @@ class ECGByteTokenizer:
             tokenizer = cls(
                 merges,
                 per_lead_norm=settings["per_lead_norm"],
+                centred_norm=settings.get("centred_norm", False),
                 lead_boundaries=settings["lead_boundaries"],
                 mode=settings["mode"],
                 num_symbols=settings["num_symbols"],
@@ -1571,7 +1611,12 @@ def _batches(fetch, rows, indices: np.ndarray, desc: str, progress: bool) -> Ite
 
 
 def _load_symbols(
-    segments: str, indices: np.ndarray | None, per_lead: bool, workers: int | None, progress: bool
+    segments: str,
+    indices: np.ndarray | None,
+    per_lead: bool,
+    workers: int | None,
+    progress: bool,
+    centred: bool = False,
 ) -> np.ndarray:
     """Discretised segments of a preprocess output directory: uint8 ``[K, 12, L]``."""
     from elmjax.ecg.preprocess import load_segments
@@ -1586,7 +1631,9 @@ def _load_symbols(
     for batch in _batches(fetch, rows, indices, "discretise", progress):
         if batch.shape[1:] != first.shape:
             raise ValueError(f"{segments}: segments of shapes {first.shape} and {batch.shape[1:]}")
-        symbols[i : i + len(batch)] = discretise(batch, per_lead=per_lead, workers=workers).symbols
+        symbols[i : i + len(batch)] = discretise(
+            batch, per_lead=per_lead, centred=centred, workers=workers
+        ).symbols
         i += len(batch)
     return symbols
 
@@ -1597,7 +1644,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows, _ = load_segments(args.segments)
     indices = _segment_indices(len(rows), args.max_ecgs, args.seed)
-    symbols = _load_symbols(args.segments, indices, args.per_lead_norm, args.workers, True)
+    symbols = _load_symbols(
+        args.segments, indices, args.per_lead_norm, args.workers, True, args.centred_norm
+    )
     t1 = time.perf_counter()
     merges, stats = train_bpe(
         symbols,
@@ -1610,6 +1659,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     tokenizer = ECGByteTokenizer(
         merges,
         per_lead_norm=args.per_lead_norm,
+        centred_norm=args.centred_norm,
         lead_boundaries=args.lead_boundaries,
         mode=args.mode,
         source=f"elmjax train: {len(indices)} segments of {args.segments} (seed {args.seed})",
@@ -1638,7 +1688,7 @@ def _encode_dir(
     indices = np.arange(len(rows)) if indices is None else indices
     parts, lengths = [], []
     for batch in _batches(fetch, rows, indices, f"encode ({mode or tokenizer.mode})", progress):
-        symbols = discretise(batch, per_lead=tokenizer.per_lead_norm, workers=workers).symbols
+        symbols = tokenizer.discretise(batch, workers=workers)
         ids, offsets = tokenizer.encode_flat(symbols, mode=mode, workers=workers)
         parts.append(ids)
         lengths.append(np.diff(offsets))
@@ -1732,6 +1782,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--max-ecgs", type=int, default=None, help="sample this many segments")
     train.add_argument("--seed", type=int, default=0, help="seed of the segment sample")
     train.add_argument("--per-lead-norm", action="store_true", help="min-max per lead")
+    train.add_argument(
+        "--centred-norm", action="store_true", help="normalise by max |x|, 0 in the middle"
+    )
     train.add_argument("--lead-boundaries", action="store_true", help="no token spans 2 leads")
     train.add_argument("--min-frequency", type=int, default=2)
     train.add_argument("--mode", choices=MODES, default="bpe", help="default encoding mode")
