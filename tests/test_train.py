@@ -2,11 +2,17 @@
 
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from elmjax import train
+from elmjax import evaluate, train
 from elmjax.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp_path, **train_changes):
@@ -80,6 +86,53 @@ def test_loss_goes_down(prepared_run):
     assert end < start - 1.0, (start, end)
 
 
+def copy_prepared(tmp, name):
+    run = tmp / name
+    for part in ("shards", "tokenizers", "segments"):
+        shutil.copytree(tmp / "run" / part, run / part)
+    return run
+
+
+def test_load_trained_reproduces_the_end_of_training_evaluation(prepared_run):
+    tmp, cfg, metrics = prepared_run
+    assert set(metrics["eval"]) == {"accuracy", "accuracy_without_ecg"}
+    model, step = train.load_trained(cfg, tmp / "run")
+    assert step == 6
+    out = tmp / "reeval"
+    copy_prepared(tmp, "reeval")
+    again = evaluate.evaluate_split(model, out, "test", seq_len=cfg.budget, batch_size=8)
+    assert again["accuracy"] == metrics["eval"]["accuracy"]
+    assert again["accuracy_without_ecg"] == metrics["eval"]["accuracy_without_ecg"]
+    assert (out / "eval" / "test" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    early, step3 = train.load_trained(cfg, tmp / "run", step=3)
+    assert step3 == 3
+    w6, w3 = model.embed_tokens.embedding[...], early.embed_tokens.embedding[...]
+    assert not np.array_equal(np.asarray(w6), np.asarray(w3))
+    with pytest.raises(train.ConfigError, match="no checkpoint of step 4"):
+        train.load_trained(cfg, tmp / "run", step=4)
+
+
+def test_evaluate_cli_without_checkpoints_says_train_first(tmp_path):
+    args = [
+        sys.executable,
+        "-m",
+        "elmjax.evaluate",
+        "--config=configs/ecgbyte_1024.py:demo",
+        f"--workdir={tmp_path / 'nothing'}",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2 and "no checkpoints; train first" in done.stderr, done.stderr
+
+
+def test_too_few_loss_positions_stop_with_a_clear_error(prepared_run):
+    tmp, _, _ = prepared_run
+    cfg = tiny_config(tmp, loss_positions=1, checkpoint_every=1)
+    run = copy_prepared(tmp, "run5")
+    with pytest.raises(train.ConfigError, match=r"step 1: .* train.loss_positions=1"):
+        train.train(cfg, run)
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+
+
 def test_non_finite_loss_stops_without_saving(prepared_run):
     tmp, _, _ = prepared_run
     cfg = tiny_config(tmp, lr=1e9, clip_norm=1e9, schedule="constant", checkpoint_every=1)
@@ -105,6 +158,7 @@ def test_non_finite_loss_stops_without_saving(prepared_run):
         ({"mesh.tensor": 3}, "does not divide the"),
         ({"model.random.num_kv_heads": 3}, "model.random"),
         ({"lora.rank": -1}, "lora.rank must be >= 0"),
+        ({"model.remat": "everything"}, "jax.checkpoint_policies"),
     ],
 )
 def test_config_errors_come_before_compiling(tmp_path, change, message):
