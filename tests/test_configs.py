@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_hf
 import transformers
 
 from elmjax import prepare, train
@@ -108,16 +109,8 @@ def tiny_chat_checkpoint(path: Path) -> Path:
     corpus = ["Does this ECG show sinus rhythm? yes no atrial fibrillation bundle branch block"]
     text.train_local_tokenizer(corpus * 20, path, vocab_size=300, family="chatml")
     vocab = len(transformers.AutoTokenizer.from_pretrained(path))
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
+    shapes = {**tiny_hf.SHAPES, "vocab_size": vocab, "max_position_embeddings": 512}
+    config = transformers.LlamaConfig(**shapes, tie_word_embeddings=True)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path
 

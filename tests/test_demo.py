@@ -13,7 +13,7 @@ def test_demo_end_to_end_and_rerun(tmp_path, capsys):
     out = capsys.readouterr().out
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["ecgs"] == 12
-    assert summary["segments"] == 12  # one 10-s lead-II segment per record (demo config)
+    assert summary["segments"] == 12  # one 10-s segment per record (demo config: lead V1)
     assert sum(s["examples"] for s in summary["prepared"].values()) > 0
     assert summary["records_skipped"] == 0
     assert sum(summary["ecgs_per_split"].values()) == 12
@@ -43,6 +43,7 @@ def test_reduced_demo_training_reads_the_ecg(tmp_path):
     cfg.data.attributes = REDUCED_FINDINGS
     cfg.data.template_ids = (1, 8)  # yes/no per finding, "which bundle branch block?"
     cfg.budget = 384
+    cfg.model.random.num_layers = 2  # the yes/no BBB questions need no third layer
     cfg.train.batch_size = 8
     cfg.train.steps = 200
     cfg.train.warmup_steps = 20

@@ -25,7 +25,7 @@ def tiny_config(tmp_path, **changes):
     cfg.data.max_examples = {"train": 400, "valid": 100, "test": 100}
     cfg.ecg_tokenizer.num_merges = 60
     cfg.text.train_vocab_size = 400
-    cfg.budget = 300
+    cfg.budget = 120  # below every example: the ECG is always cut
     for key, value in changes.items():
         node = cfg
         *path, last = key.split(".")
@@ -49,12 +49,12 @@ def all_examples(workdir, split):
 def test_manifest_counts_match_the_shards(prepared):
     cfg, manifest = prepared
     assert manifest["format"] == prepare.SHARD_FORMAT
-    assert manifest["budget"] == 300 and manifest["truncation"] == "head"
+    assert manifest["budget"] == 120 and manifest["truncation"] == "head"
     for split in ("train", "valid", "test"):
         examples = all_examples(cfg.workdir, split)
         info = manifest["splits"][split]
         assert info["examples"] == len(examples) > 0
-        assert info["tokens"]["max"] == max(len(e["input_ids"]) for e in examples) <= 300
+        assert info["tokens"]["max"] == max(len(e["input_ids"]) for e in examples) <= 120
         assert info["answer_tokens"] == sum(int(e["loss_mask"].sum()) for e in examples)
     assert manifest["splits"]["train"]["examples"] <= 400  # the cap
     assert manifest["config_hash"] == prepare.settings_hash(prepare.shard_settings(cfg))
@@ -76,7 +76,7 @@ def test_examples_hold_the_answer_and_a_truncated_ecg(prepared):
     for ex in all_examples(cfg.workdir, "valid")[:20]:
         conv = sources.Conversation.from_dict(json.loads(ex["conversation"]))
         ids, mask = ex["input_ids"], ex["loss_mask"].astype(bool)
-        assert len(ids) == 300  # the ECG always fills the budget at T=300
+        assert len(ids) == 120  # the ECG always fills the budget at T=120
         answer = conv.turns[-1]["text"]
         assert tok.decode(ids[mask].tolist(), skip_special=False) == answer + "<|eot_id|>"
         ((start, end),) = ex["answer_spans"]
@@ -108,7 +108,7 @@ def test_shards_stream_through_the_pipeline(prepared):
     paths = prepare.split_paths(cfg.workdir, "train")
     ds = pipeline.make_dataset(paths, pcfg, shard_index=0, shard_count=1)
     batch = next(iter(ds))
-    assert batch["inputs"].shape == (4, 300)
+    assert batch["inputs"].shape == (4, 120)
     assert batch["loss_mask"].sum() > 0
 
 
@@ -118,7 +118,7 @@ def test_rerun_reuses_everything_and_other_settings_are_refused(prepared):
     assert again["splits"]["train"]["shards"] == manifest["splits"]["train"]["shards"]
     assert again["ecg_tokenizer"]["fingerprint"] == manifest["ecg_tokenizer"]["fingerprint"]
     other = cfg.copy_and_resolve_references()
-    other.budget = 250
+    other.budget = 110
     with pytest.raises(prepare.PrepareError, match="prepared with other settings"):
         prepare.prepare(other)
 
@@ -132,7 +132,7 @@ def test_time_policy_cuts_every_lead_at_the_same_second(tmp_path):
     tok = ecgbyte.ECGByteTokenizer.load(manifest["ecg_tokenizer"]["path"])
     assert tok.lead_boundaries
     ex = all_examples(cfg.workdir, "train")[0]
-    assert len(ex["input_ids"]) <= 300 and ex["ecg_kept"] > 0
+    assert len(ex["input_ids"]) <= 120 and ex["ecg_kept"] > 0
 
 
 def _conv(i, qtype, attribute, template=1):
@@ -181,9 +181,9 @@ def test_select_questions_and_leads():
 
 
 def test_one_lead_streams_and_question_selection(prepared, tmp_path):
-    """The demo config tokenises lead II only and keeps only its yes/no questions."""
+    """The demo config tokenises lead V1 only and keeps only its selected questions."""
     cfg, manifest = prepared
-    assert tuple(cfg.data.leads) == ("II",)
+    assert tuple(cfg.data.leads) == ("V1",)
     examples = all_examples(cfg.workdir, "train")
     for ex in examples:
         meta = json.loads(ex["conversation"])["meta"]
