@@ -174,7 +174,7 @@ def test_meshes_match_one_device(prepared):
             if variant == "lora":
                 cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout = 4, 8.0, 0.1
                 cfg.model.random.num_layers = 2
-                cfg.model.scan_layers, cfg.model.remat = True, True
+                cfg.model.scan_layers, cfg.model.remat = True, "nothing_saveable"
                 cfg.train.lr = 1e-2
             out[name] = train.train(cfg, {runs!r}[name])["losses"]
         print(json.dumps(out))
