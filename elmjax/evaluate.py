@@ -176,10 +176,11 @@ def evaluate_split(
         },
         "method": "greedy exact match, computed teacher-forced (identical to greedy decoding)",
     }
-    out = Path(workdir) / "eval" / split
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    plot_accuracy(metrics, out / "accuracy.png")
+    if jax.process_index() == 0:  # every process computed the same numbers; one writes them
+        out = Path(workdir) / "eval" / split
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        plot_accuracy(metrics, out / "accuracy.png")
     return metrics
 
 
