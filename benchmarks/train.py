@@ -71,7 +71,7 @@ def matmul_peak(dtype, n: int = 4096, repeats: int = 5) -> float:
 def config_for(name: str, batch: int | None):
     """The run config of a benchmark model and the vocabulary its shards would give."""
     if name == "demo":
-        cfg = load_config("ecgbyte_1024:demo")  # d=128, 2 layers, f32, full fine-tuning
+        cfg = load_config("ecgbyte_1024:demo")  # d=128, 3 layers, f32, full fine-tuning
         cfg.train.loss_positions = 64  # random_batch has 60 answer tokens per row
         text_vocab = cfg.text.train_vocab_size
     else:

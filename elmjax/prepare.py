@@ -374,11 +374,10 @@ def ecg_tokenizer(
         rows = np.sort(rng.choice(rows, tc.max_train_ecgs, replace=False))
     if len(rows) == 0:
         raise PrepareError("no training segments to train the ECG tokenizer on")
+    centred = tc.get("centred_norm", False)  # configs older than the option: min-max
     symbols = np.concatenate(
         [
-            ecgbyte.discretise(
-                x, per_lead=tc.per_lead_norm, centred=tc.get("centred_norm", False)
-            ).symbols
+            ecgbyte.discretise(x, per_lead=tc.per_lead_norm, centred=centred).symbols
             for _, x in _segment_batches(rows.tolist(), fetch, leads=lead_indices(cfg))
         ]
     )
@@ -387,7 +386,7 @@ def ecg_tokenizer(
         symbols,
         tc.num_merges,
         per_lead_norm=tc.per_lead_norm,
-        centred_norm=tc.get("centred_norm", False),
+        centred_norm=centred,
         lead_boundaries=tc.lead_boundaries,
         mode=tc.encode_mode,
         workers=cfg.data.workers,

@@ -161,7 +161,7 @@ def build_model(cfg: ml_collections.ConfigDict, manifest: dict, mesh) -> LLM:
     """The LLM (+ LoRA) sized for the manifest's vocabulary, born sharded on ``mesh``."""
     vocab = manifest["vocab"]
     m = cfg.model
-    remat = m.remat if isinstance(m.remat, bool) else (m.remat or False)  # "": off
+    remat = m.remat or False  # "" (the configs' off) -> False; True or a policy name stay
     common = dict(
         dtype=m.dtype,
         scan_layers=m.scan_layers,
@@ -270,11 +270,12 @@ def load_trained(
         parallel.shard_model_state(optimizer, mesh)
     ckpt = checkpoint.Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints, async_save=False)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
+        steps = ckpt.all_steps()
+        if not steps:
             raise ConfigError(f"{ckpt_dir}: no complete checkpoint; train first")
-        if step not in ckpt.all_steps():
-            raise ConfigError(f"{ckpt_dir}: no checkpoint of step {step} ({ckpt.all_steps()})")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ConfigError(f"{ckpt_dir}: no checkpoint of step {step} ({steps})")
         restored, _ = ckpt.restore(step, saved_part(nnx.state((model, optimizer)), wrt))
     finally:
         ckpt.close()
