@@ -252,7 +252,7 @@ class SafetensorsFile:
         return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
-def _open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
+def open_checkpoint(path: Path) -> dict[str, SafetensorsFile]:
     """Tensor name -> the file holding it (single file or sharded index)."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.exists():
@@ -335,13 +335,13 @@ def _check_names(config: LLMConfig, files: dict[str, SafetensorsFile], path: Pat
     if missing:
         raise KeyError(
             f"{path}: {len(missing)} tensor(s) missing from the checkpoint for a "
-            f"{config.family} model with {config.num_layers} layers: {_some(missing)}"
+            f"{config.family} model with {config.num_layers} layers: {some_names(missing)}"
         )
     if unexpected:
-        raise KeyError(f"{path}: {len(unexpected)} unexpected tensor(s): {_some(unexpected)}")
+        raise KeyError(f"{path}: {len(unexpected)} unexpected tensor(s): {some_names(unexpected)}")
 
 
-def _some(names: Iterable[str], k: int = 8) -> str:
+def some_names(names: Iterable[str], k: int = 8) -> str:
     names = list(names)
     more = f" ... (+{len(names) - k} more)" if len(names) > k else ""
     return ", ".join(names[:k]) + more
@@ -379,7 +379,7 @@ def load_hf(
         extra_vocab=extra_vocab,
         **overrides,
     )
-    files = _open_checkpoint(path)
+    files = open_checkpoint(path)
     _check_names(config, files, path)
 
     abstract = nnx.eval_shape(lambda: LLM(config, rngs=nnx.Rngs(seed)))
@@ -1241,9 +1241,11 @@ def import_gguf(
     expected = set(hf_to_nnx(config))
     found = {o.name for o in outs}
     if missing := sorted(expected - found):
-        raise KeyError(f"{gguf_file}: {len(missing)} tensor(s) missing: {_some(missing)}")
+        raise KeyError(f"{gguf_file}: {len(missing)} tensor(s) missing: {some_names(missing)}")
     if unexpected := sorted(found - expected):
-        raise KeyError(f"{gguf_file}: {len(unexpected)} unexpected tensor(s): {_some(unexpected)}")
+        raise KeyError(
+            f"{gguf_file}: {len(unexpected)} unexpected tensor(s): {some_names(unexpected)}"
+        )
     outs.sort(key=lambda o: _natural_key(o.name))
 
     out = _prepare_out_dir(out_dir, overwrite, write=False)  # fail before any work
