@@ -10,11 +10,11 @@ when they are missing.)
 
 Arguments after ``:`` (comma-separated):
 
-* ``demo``: the built-in synthetic ECG-QA set (2,000 ECGs, generated under ``runs/demo/data``
+* ``demo``: the built-in synthetic ECG-QA set (4,000 ECGs, generated under ``runs/demo/data``
   when missing), a text tokenizer trained locally on it, 10 s of lead V1 at 125 Hz, zero-centred
   symbols, 1000 BPE merges, T = 512, the questions a one-lead rhythm strip can answer
   (``DEMO_FINDINGS``; up to four per training example), and a tiny decoder (width 128, 3
-  layers) trained from scratch with every embedding learnt for 6 epochs, then evaluated
+  layers) trained from scratch with every embedding learnt for 3 epochs, then evaluated
   with and without the ECG. The whole run takes under 10 minutes on 2 CPU cores.
 * ``smollm2``: fine-tune the real SmolLM2-135M-Instruct (its tokenizer and ChatML template)
   with LoRA r16 instead of Llama 3.2 1B (with ``demo``: on the demo set, f32, batch 8). The
@@ -111,7 +111,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.root = "runs/demo/data" if demo else "data/ptbxl"  # dataset root (records + tables)
     c.data.qa_root = ""  # where the QA files are, when not under root (ECG-QA's output dir)
     c.data.layout = "ptbxl"  # elmjax.ecg.io layout of the records
-    c.data.generate_ecgs = 2000 if demo else 0  # synthetic set: generate this many if missing
+    # Synthetic set: generate this many if missing. The demo's 4,000 at 3 epochs beat 2,000 at
+    # 6 (85.2 vs 83.3 %, same steps): the from-scratch decoder overfits 2,000 (97 % on train).
+    c.data.generate_ecgs = 4000 if demo else 0
     c.data.download_hint = "" if demo else PTBXL_HINT  # said when data.root is missing
     # Samples per segment at data.target_fs: 2500 at 250 Hz = 10 s (paper); 1250 = 5 s. The
     # demo reads 10 s of lead V1 at 125 Hz (1250 samples, about 150 ECG tokens): rhythm needs
@@ -137,6 +139,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.split = "published"  # keep the source's split (checked patient-disjoint), or "patient"
     c.data.split_fractions = {"train": 0.8, "valid": 0.1, "test": 0.1}  # for split="patient"
     c.data.group_questions = 4 if demo else 1  # train: questions per ECG per example (1: off)
+    # A question meta key no two questions of a group share (empty: any mix). Teacher forcing
+    # shows a group's earlier answers, and "What is the rhythm?" -> "sinus bradycardia" gives
+    # away "Does it show sinus tachycardia?" (elmjax.prepare.group_per_segment).
+    c.data.group_distinct = ""
     c.data.max_examples = {"train": 400_000, "valid": 20_000, "test": 20_000}  # reference caps
     c.data.store_signal = False  # also store the float16 segment in each example
     c.data.examples_per_shard = 2048
@@ -217,7 +223,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 16 if tiny else 8  # global rows per step
     c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
-    c.train.epochs = 6.0 if demo else 1.0  # used when train.steps is 0
+    c.train.epochs = 3.0 if demo else 1.0  # used when train.steps is 0
     c.train.steps = 0  # 0: epochs x (packed rows / batch)
     c.train.fit = "pack"  # pack | pad (see elmjax.data.pipeline)
     c.train.schedule = "cosine" if demo else "noam"  # noam (reference) | cosine | constant

@@ -38,7 +38,7 @@ from elmjax import prepare
 from elmjax.config import load_config
 from elmjax.ecg import io, preprocess, render, synth
 
-DEMO_ECGS = 2000  # the same set configs/ecgbyte_1024.py:demo trains on
+DEMO_ECGS = 4000  # the same set configs/ecgbyte_1024.py:demo trains on
 DEMO_SEED = 0
 
 

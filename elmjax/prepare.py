@@ -63,7 +63,13 @@ def shard_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config fields that determine the shards' content (hashed into the manifest)."""
     return {
         "representation": cfg.representation,
-        "data": {k: v for k, v in cfg.data.to_dict().items() if k != "download_hint"},
+        # download_hint does not change the shards; group_distinct only when set (older
+        # shards stay valid)
+        "data": {
+            k: v
+            for k, v in cfg.data.to_dict().items()
+            if k != "download_hint" and (k != "group_distinct" or v)
+        },
         "ecg_tokenizer": cfg.ecg_tokenizer.to_dict(),
         "text": cfg.text.to_dict(),
         "budget": cfg.budget,
@@ -106,6 +112,16 @@ def ensure_data(cfg: ml_collections.ConfigDict) -> Path:
     if not root.is_dir():
         hint = cfg.data.get("download_hint", "")
         raise PrepareError(f"data.root {root} does not exist" + (f": {hint}" if hint else ""))
+    labels = root / "synth_labels.jsonl"  # one line per generated ECG
+    if cfg.data.source == "synthetic" and cfg.data.generate_ecgs > 0 and labels.exists():
+        with open(labels, encoding="utf-8") as f:
+            n = sum(1 for line in f if line.strip())
+        if n != cfg.data.generate_ecgs:
+            raise PrepareError(
+                f"{root} holds {n} synthetic ECGs but data.generate_ecgs is "
+                f"{cfg.data.generate_ecgs}: delete {root} to generate the set again, or set "
+                "data.root to another directory"
+            )
     return root
 
 
@@ -269,12 +285,20 @@ def link_and_split(
 
 
 def group_per_segment(
-    convs: list[sources.Conversation], k: int, seed: int
+    convs: list[sources.Conversation], k: int, seed: int, distinct: str = ""
 ) -> list[sources.Conversation]:
     """Joins up to ``k`` single-QA conversations about the same segment into multi-turn ones.
 
     Questions are shuffled within their segment (seeded) before grouping, so a group is not
     always the same question types in the same order. ``k <= 1`` returns the input unchanged.
+
+    ``distinct`` names a question ``meta`` key (ECG-QA: ``"attribute_type"``) that no two
+    questions of a group may share. Training is teacher-forced, so a later answer in a group
+    sees the earlier reference answers: "What is the rhythm?" -> "sinus bradycardia" gives away
+    "Does it show sinus tachycardia?", and the model learns to read the answer from the text
+    instead of the ECG (which evaluation, one question per example, never offers). Questions
+    without the key group freely. Each question joins the first group that still lacks its
+    value and has room.
     """
     if k <= 1:
         return convs
@@ -287,8 +311,18 @@ def group_per_segment(
         members = groups[key]
         order = rng.permutation(len(members))
         members = [members[i] for i in order]
-        for start in range(0, len(members), k):
-            part = members[start : start + k]
+        parts: list[list[sources.Conversation]] = []
+        for c in members:
+            value = c.meta.get(distinct) if distinct else None
+            for part in parts:
+                if len(part) < k and (
+                    value is None or all(m.meta.get(distinct) != value for m in part)
+                ):
+                    part.append(c)
+                    break
+            else:
+                parts.append([c])
+        for part in parts:
             turns = tuple(t for c in part for t in c.turns)
             meta = {
                 "source": part[0].meta.get("source"),
@@ -733,7 +767,12 @@ def prepare(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     # Grouping packs more answers into each training sequence. Evaluation splits keep one
     # question per example: in a group, earlier reference answers would hint at later ones.
     if "train" in splits:
-        splits["train"] = group_per_segment(splits["train"], cfg.data.group_questions, cfg.seed)
+        splits["train"] = group_per_segment(
+            splits["train"],
+            cfg.data.group_questions,
+            cfg.seed,
+            cfg.data.get("group_distinct", ""),
+        )
     segment_rows = {
         c.example_id: segs_by_record[c.record][c.segment]
         for items in splits.values()

@@ -4,6 +4,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from elmjax import evaluate
@@ -60,6 +61,25 @@ def test_exact_match_is_greedy_decoding():
     assert out["rhythm"] == {"accuracy": 100.0, "answers": 4}
     assert out["axis"] == {"accuracy": 0.0, "answers": 3}
     assert out["all"]["answers"] == 7
+
+
+def test_length_buckets_change_nothing_but_the_shapes():
+    model = tiny_model()
+    rng = np.random.default_rng(1)
+    examples = [example(model, rng, n, "rhythm", corrupt=n % 3 == 0) for n in range(2, 18)]
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    assert lengths[0] <= 16 < lengths[-1]  # the 8-token buckets give several shapes
+    whole = evaluate.exact_match(model, examples, VOCAB, seq_len=32, batch_size=3, bucket=32)
+    bucketed = evaluate.exact_match(model, examples, VOCAB, seq_len=32, batch_size=3, bucket=8)
+    assert bucketed == whole
+    assert whole["rhythm"] == {"accuracy": 68.75, "answers": 16}  # 5 of 16 corrupted
+
+
+def test_rows_longer_than_seq_len_are_refused():
+    model = tiny_model()
+    examples = [example(model, np.random.default_rng(2), 30, "rhythm")]
+    with pytest.raises(ValueError, match="example 0: 43 tokens, more than seq_len=32"):
+        evaluate.exact_match(model, examples, VOCAB, seq_len=32, progress=False)
 
 
 def test_drop_ecg_moves_spans_onto_the_same_tokens():

@@ -123,6 +123,14 @@ def test_rerun_reuses_everything_and_other_settings_are_refused(prepared):
         prepare.prepare(other)
 
 
+def test_a_synthetic_set_of_another_size_is_refused(prepared):
+    cfg, _ = prepared
+    other = cfg.copy_and_resolve_references()
+    other.data.generate_ecgs = 41
+    with pytest.raises(prepare.PrepareError, match="holds 40 synthetic ECGs but data.generate_"):
+        prepare.ensure_data(other)
+
+
 def test_time_policy_cuts_every_lead_at_the_same_second(tmp_path):
     cfg = tiny_config(tmp_path, truncation="time", **{"ecg_tokenizer.lead_boundaries": True})
     cfg.data.generate_ecgs = 6
@@ -207,7 +215,7 @@ def test_one_lead_streams_and_question_selection(prepared, tmp_path):
 
 def test_grouping_applies_to_the_train_split_only(prepared, tmp_path):
     cfg, _ = prepared
-    grouped = tiny_config(tmp_path, **{"data.group_questions": 3})
+    grouped = tiny_config(tmp_path, **{"data.group_questions": 3, "data.group_distinct": ""})
     grouped.data.root = cfg.data.root
     prepare.prepare(grouped)
 
@@ -220,6 +228,31 @@ def test_grouping_applies_to_the_train_split_only(prepared, tmp_path):
     assert max(sizes("train")) == 3
     for split in ("valid", "test"):
         assert set(sizes(split)) == {1}
+
+
+def test_groups_never_share_the_distinct_key():
+    def conv(record, i, kind):
+        turns = ({"role": "user", "text": f"q{i}"}, {"role": "assistant", "text": f"a{i}"})
+        meta = {"attribute_type": kind} if kind else {}
+        return sources.Conversation(f"x:{record}:{i}", record, "ptbxl", "1", 0, turns, meta)
+
+    kinds = ["rhythm", "rhythm", "rhythm", "conduction", "conduction", None, None]
+    convs = [conv(r, i, k) for r in ("a", "b") for i, k in enumerate(kinds)]
+    grouped = prepare.group_per_segment(convs, 3, seed=0, distinct="attribute_type")
+    assert sorted(q for g in grouped for q in g.meta["grouped"]) == sorted(
+        c.example_id for c in convs
+    )  # nothing lost, nothing twice
+    for g in grouped:
+        assert all(q.split(":")[1] == g.record for q in g.meta["grouped"])
+        typed = [q["attribute_type"] for q in g.meta["questions"] if "attribute_type" in q]
+        assert len(typed) == len(set(typed)), g.meta
+        assert [t["text"] for t in g.turns][::2] == [
+            "q" + q.rsplit(":", 1)[1] for q in g.meta["grouped"]
+        ]
+    # three rhythm questions per record need three groups; the other four fit in them
+    assert len(grouped) == 6
+    free = prepare.group_per_segment(convs, 3, seed=0)
+    assert sorted(len(g.meta["grouped"]) for g in free) == [1, 1, 3, 3, 3, 3]
 
 
 def test_bad_settings_are_named(tmp_path):
