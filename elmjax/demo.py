@@ -191,11 +191,12 @@ def plot_example(
     return paths
 
 
-def demo_config(workdir: Path, data: Path, seed: int, workers: int):
-    """``configs/ecgbyte_1024.py:demo`` pointed at this demo's directories."""
+def demo_config(workdir: Path, data: Path, seed: int, workers: int, num_ecgs: int = DEMO_ECGS):
+    """``configs/ecgbyte_1024.py:demo`` pointed at this demo's directories and set size."""
     cfg = load_config("ecgbyte_1024:demo")
     cfg.workdir = str(workdir / "ecgbyte")
     cfg.data.root = str(data)
+    cfg.data.generate_ecgs = num_ecgs
     cfg.data.workers = workers
     cfg.seed = seed
     return cfg
@@ -234,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     make_corpus(data, args.num_ecgs, args.seed, args.workers)
 
     t1 = time.perf_counter()
-    cfg = demo_config(workdir, data, args.seed, args.workers)
+    cfg = demo_config(workdir, data, args.seed, args.workers, args.num_ecgs)
     print("[2/4] python -m elmjax.prepare --config=configs/ecgbyte_1024.py:demo")
     manifest = prepare.prepare(cfg)
     segments_dir = Path(cfg.workdir) / "segments"
