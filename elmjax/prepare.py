@@ -18,6 +18,19 @@ Steps (each resumable; a rerun redoes only what is missing):
 7. ``manifest.json``: counts, token-length statistics, the config hash and both tokenizer
    hashes; ``report.json``: every skipped example and why.
 
+``representation="signal"`` / ``"image"`` (the LLaVA-style paths): the text side is the same
+(tokenizer, chat template, system prompt, answer masks, budget), but no ECG-Byte tokenizer is
+trained (step 4 is skipped) and the ECG block of each example is ``data.ecg_tokens`` (default 1,
+the paper's pooled vector) copies of one placeholder id, ``text_vocab_size + 0`` (an
+:class:`~elmjax.tokenize.text.EcgVocab` with one ECG id; ``text.ecg_markers`` as configured).
+Each example also stores its ECG input as ``ecg``: the float16 segment ``[leads, seg_len]``
+(``data.leads`` selects the rows), or the uint8 ``[S, S, 3]`` printout of
+:func:`elmjax.ecg.render.model_images` (``data.image_layout``, default ``"6x2"``;
+``data.image_size`` S, default 224: rendered at true paper scale, area-resized, never
+cropped). The manifest adds ``placeholder_id``, ``ecg_tokens`` and ``ecg_input`` (kind, shape,
+stored dtype). Train these shards with ``fit="pad"`` or packed ECG slots (see
+:mod:`elmjax.data.pipeline`).
+
 Outputs under ``workdir``: ``segments/``, ``tokenizers/{ecgbyte.json,text/}``, ``shards/``.
 """
 
@@ -42,12 +55,18 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from elmjax.data import pipeline, records, sources
-from elmjax.ecg import preprocess, synth
+from elmjax.ecg import preprocess, render, synth
 from elmjax.ecg.io import CANONICAL_LEADS
 from elmjax.tokenize import ecgbyte, text
 
 SHARD_FORMAT = "elmjax-shards/1"
 SPLITS = ("train", "valid", "test")
+REPRESENTATIONS = ("symbolic", "signal", "image")
+MIN_IMAGE_SIZE = 32  # smaller images cannot show a 12-lead printout (or hold a 16-px patch grid)
+# Defaults of the signal / image settings (absent from symbolic configs)
+DEFAULT_ECG_TOKENS = 1  # the paper: one pooled vector per ECG, one placeholder token
+DEFAULT_IMAGE_LAYOUT = "6x2"  # the reference's ecg_plot layout
+DEFAULT_IMAGE_SIZE = 224
 
 
 class PrepareError(RuntimeError):
@@ -59,24 +78,44 @@ class PrepareError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
+# data keys of the signal / image representations: hashed only for those (with their defaults
+# resolved), so symbolic shards keep their hash whether or not a config names these keys
+_REPR_KEYS = ("ecg_tokens", "image_layout", "image_size")
+
+
+def ecg_input_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The signal / image settings of ``cfg`` with defaults resolved ({} for symbolic)."""
+    if cfg.representation == "symbolic":
+        return {}
+    out = {"ecg_tokens": cfg.data.get("ecg_tokens", DEFAULT_ECG_TOKENS)}
+    if cfg.representation == "image":
+        out["image_layout"] = cfg.data.get("image_layout", DEFAULT_IMAGE_LAYOUT)
+        out["image_size"] = cfg.data.get("image_size", DEFAULT_IMAGE_SIZE)
+    return out
+
+
 def shard_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config fields that determine the shards' content (hashed into the manifest)."""
-    return {
+    symbolic = cfg.representation == "symbolic"
+    settings = {
         "representation": cfg.representation,
         # download_hint does not change the shards; group_distinct only when set (older
-        # shards stay valid)
+        # shards stay valid); the signal / image keys only for those representations
         "data": {
             k: v
             for k, v in cfg.data.to_dict().items()
-            if k != "download_hint" and (k != "group_distinct" or v)
-        },
-        "ecg_tokenizer": cfg.ecg_tokenizer.to_dict(),
+            if k != "download_hint" and (k != "group_distinct" or v) and k not in _REPR_KEYS
+        }
+        | ecg_input_settings(cfg),
         "text": cfg.text.to_dict(),
         "budget": cfg.budget,
         "truncation": cfg.truncation,
         "seed": cfg.seed,
         "model_checkpoint": cfg.get("model", {}).get("checkpoint", ""),
     }
+    if symbolic:  # signal / image shards hold no ECG-Byte ids
+        settings["ecg_tokenizer"] = cfg.ecg_tokenizer.to_dict()
+    return settings
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -470,6 +509,69 @@ def encode_segments(
     return out
 
 
+def ecg_input_spec(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What each example of a signal / image representation stores as its ``ecg`` field.
+
+    ``signal``: the preprocessed segment, float16 ``[leads, seg_len]`` (mV at
+    ``data.target_fs``; the pipeline hands it to the model as float32). ``image``: the
+    printout (:func:`elmjax.ecg.render.model_images`), uint8 ``[S, S, 3]``.
+    """
+    leads = lead_indices(cfg)
+    n_leads = len(CANONICAL_LEADS) if leads is None else len(leads)
+    if cfg.representation == "signal":
+        return {"kind": "signal", "shape": [n_leads, int(cfg.data.seg_len)], "dtype": "float16"}
+    size = int(ecg_input_settings(cfg)["image_size"])
+    return {
+        "kind": "image",
+        "shape": [size, size, 3],
+        "dtype": "uint8",
+        "layout": ecg_input_settings(cfg)["image_layout"],
+        "leads": [CANONICAL_LEADS[i] for i in (leads or range(len(CANONICAL_LEADS)))],
+    }
+
+
+def make_ecg_inputs(
+    cfg: ml_collections.ConfigDict, rows_idx: Sequence[int], fetch, batch: int = 256
+) -> dict[int, np.ndarray]:
+    """Segment row -> the ``ecg`` array of :func:`ecg_input_spec` (batched; images rendered)."""
+    spec = ecg_input_spec(cfg)
+    leads = lead_indices(cfg)
+    out: dict[int, np.ndarray] = {}
+    desc = "ECG -> images" if spec["kind"] == "image" else "ECG -> signals"
+    bar = tqdm(total=len(rows_idx), desc=desc, unit="seg", disable=not len(rows_idx))
+    for part, x in _segment_batches(list(rows_idx), fetch, batch=batch, leads=leads):
+        if spec["kind"] == "signal":
+            arrays = x.astype(np.float16)
+        else:
+            arrays = render.model_images(
+                x,
+                fs=float(cfg.data.target_fs),
+                size=spec["shape"][0],
+                layout=spec["layout"],
+                leads=spec["leads"],
+            )
+        for i, a in zip(part, arrays, strict=True):
+            if tuple(a.shape) != tuple(spec["shape"]):
+                raise PrepareError(f"segment {i}: ECG input {a.shape}, expected {spec['shape']}")
+            out[i] = a
+        bar.update(len(part))
+    bar.close()
+    return out
+
+
+def check_placeholder_block(
+    input_ids: np.ndarray, placeholder_id: int, n: int, name: str = ""
+) -> None:
+    """Host-side check (as :func:`elmjax.models.elm.check_placeholders` does per row) that an
+    example holds exactly ``n`` placeholder ids, in one contiguous block."""
+    where = np.flatnonzero(np.asarray(input_ids) == placeholder_id)
+    if len(where) != n or (n and where[-1] - where[0] != n - 1):
+        raise PrepareError(
+            f"example {name!r}: {len(where)} placeholder id(s) {placeholder_id} at "
+            f"{where.tolist()[:8]}, expected exactly {n} in one block"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Step 6: examples and shards
 # ----------------------------------------------------------------------------------------------
@@ -481,13 +583,14 @@ class ShardTask:
 
     path: str
     split: str
-    items: tuple  # (conversation dict, ecg payload or None, signal or None) per example
+    items: tuple  # (conversation dict, ecg payload or None, signal or None, ecg input or None)
     text_tokenizer: str
     family: str
     vocab: text.EcgVocab
     budget: int
     policy: str
     system: str | None
+    ecg_tokens: int = 0  # signal / image: placeholders every example must hold (0: symbolic)
 
 
 _TOKENIZERS: dict[tuple[str, str], text.TextTokenizer] = {}
@@ -509,8 +612,14 @@ def make_example(
     policy: str,
     system: str | None,
     signal: np.ndarray | None = None,
+    ecg_input: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """A conversation + its ECG ids -> the record stored in a shard."""
+    """A conversation + its ECG ids -> the record stored in a shard.
+
+    For the signal / image representations ``ecg`` is ``ecg_tokens`` zeros (the one id of a
+    one-entry :class:`~elmjax.tokenize.text.EcgVocab`: the placeholder) and ``ecg_input`` the
+    array stored as the record's ``ecg`` field.
+    """
     if isinstance(ecg, tuple):
         ids, lengths = ecg
     else:
@@ -537,6 +646,8 @@ def make_example(
     }
     if signal is not None:
         record["signal"] = np.asarray(signal, np.float16)
+    if ecg_input is not None:
+        record["ecg"] = np.asarray(ecg_input)
     return record
 
 
@@ -544,7 +655,7 @@ def write_shard_task(task: ShardTask) -> dict[str, Any]:
     """Builds and writes one shard; returns its statistics and skipped examples."""
     tok = _cached_tokenizer(task.text_tokenizer, task.family)
     built, skipped = [], []
-    for conv_dict, ecg, signal in task.items:
+    for conv_dict, ecg, signal, ecg_input in task.items:
         conv = sources.Conversation.from_dict(conv_dict)
         try:
             built.append(
@@ -557,6 +668,7 @@ def write_shard_task(task: ShardTask) -> dict[str, Any]:
                     policy=task.policy,
                     system=task.system,
                     signal=signal,
+                    ecg_input=ecg_input,
                 )
             )
         except text.TextTooLongError as e:
@@ -564,7 +676,17 @@ def write_shard_task(task: ShardTask) -> dict[str, Any]:
                 {"example_id": conv.example_id, "reason": "text too long", "detail": str(e)}
             )
             continue
-        if ecg is not None and built[-1]["ecg_kept"] == 0:
+        if task.ecg_tokens and built[-1]["ecg_kept"] < task.ecg_tokens:
+            built.pop()  # a cut placeholder block would not match the encoder's vectors
+            skipped.append(
+                {
+                    "example_id": conv.example_id,
+                    "reason": "placeholders do not fit",
+                    "detail": f"the text leaves no room for {task.ecg_tokens} placeholder "
+                    f"token(s) in the budget of {task.budget} tokens",
+                }
+            )
+        elif ecg is not None and built[-1]["ecg_kept"] == 0:
             built.pop()  # the text leaves no room for a single ECG token: useless to train on
             skipped.append(
                 {
@@ -573,6 +695,10 @@ def write_shard_task(task: ShardTask) -> dict[str, Any]:
                     "detail": f"the text fills the budget of {task.budget} tokens",
                 }
             )
+    if task.ecg_tokens:
+        placeholder = task.vocab.to_llm([0])[0]
+        for r in built:
+            check_placeholder_block(r["input_ids"], placeholder, task.ecg_tokens, r["example_id"])
     records.write_shard(task.path, built)
     lengths = [len(r["input_ids"]) for r in built]
     stats = {
@@ -640,8 +766,12 @@ def write_shards(
     fetch,
     text_path: Path,
     vocab: text.EcgVocab,
+    ecg_inputs: dict[int, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Writes the shards of ``plan`` not yet finished; returns per-split statistics."""
+    """Writes the shards of ``plan`` not yet finished; returns per-split statistics.
+
+    ``ecg_inputs`` (signal / image): segment row -> the array stored as each example's ``ecg``.
+    """
     tasks, stats = [], collections.defaultdict(list)
     for split, path, convs in plan:
         if _is_done(path):
@@ -651,7 +781,8 @@ def write_shards(
         for c in convs:
             row = segment_rows[c.example_id]
             signal = np.asarray(fetch(row), np.float16) if cfg.data.store_signal else None
-            items.append((c.to_dict(), ecg_ids[row], signal))
+            ecg_input = None if ecg_inputs is None else ecg_inputs[row]
+            items.append((c.to_dict(), ecg_ids[row], signal, ecg_input))
         tasks.append(
             ShardTask(
                 str(path),
@@ -661,8 +792,10 @@ def write_shards(
                 cfg.text.family,
                 vocab,
                 cfg.budget,
-                cfg.truncation,
+                # placeholders are never cut ("time" needs per-lead ECG-Byte ids)
+                cfg.truncation if ecg_inputs is None else "head",
                 cfg.text.system_prompt or None,
+                0 if ecg_inputs is None else int(ecg_input_settings(cfg)["ecg_tokens"]),
             )
         )
     if tasks:
@@ -713,25 +846,52 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> str:
 SOURCES = ("synthetic", "ecgqa-ptbxl", "ecgqa-mimic", "pulse", "ecg-chat")
 
 
+def _check_ecg_input_settings(cfg: ml_collections.ConfigDict) -> None:
+    """The signal / image settings (``data.ecg_tokens``, ``data.image_*``)."""
+    settings = ecg_input_settings(cfg)
+    n = settings["ecg_tokens"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise PrepareError(
+            f"data.ecg_tokens must be a whole number >= 1 (placeholder tokens per ECG: 1 for a "
+            f"pooled encoder, N for N encoder tokens), got {n!r}"
+        )
+    if cfg.representation != "image":
+        return
+    layout, size = settings["image_layout"], settings["image_size"]
+    if layout not in render.LAYOUTS:
+        raise PrepareError(
+            f"unknown data.image_layout {layout!r}; use one of {', '.join(render.LAYOUTS)}"
+        )
+    if not isinstance(size, int) or isinstance(size, bool) or size < MIN_IMAGE_SIZE:
+        raise PrepareError(
+            f"data.image_size {size!r} is too small: use a whole number of pixels >= "
+            f"{MIN_IMAGE_SIZE} (the vision tower's input side, e.g. 224)"
+        )
+
+
 def check_config(cfg: ml_collections.ConfigDict) -> None:
     """Refuses unknown choices before any work is done."""
-    if cfg.representation != "symbolic":
+    if cfg.representation not in REPRESENTATIONS:
         raise PrepareError(
-            f"representation {cfg.representation!r}: prepare builds symbolic (ECG-Byte) shards; "
-            "use representation='symbolic' (data.store_signal=True also stores the signal)"
+            f"unknown representation {cfg.representation!r}; use one of "
+            f"{', '.join(REPRESENTATIONS)}"
         )
+    symbolic = cfg.representation == "symbolic"
     choices = {
         "data.source": (cfg.data.source, SOURCES),
         "data.segments": (cfg.data.segments, ("all", "first")),
         "data.split": (cfg.data.split, ("published", "patient")),
         "truncation": (cfg.truncation, text.POLICIES),
-        "ecg_tokenizer.encode_mode": (cfg.ecg_tokenizer.encode_mode, ecgbyte.MODES),
         "text.family": (cfg.text.family, text.FAMILIES),
     }
+    if symbolic:
+        choices["ecg_tokenizer.encode_mode"] = (cfg.ecg_tokenizer.encode_mode, ecgbyte.MODES)
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise PrepareError(f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
-    if cfg.truncation == "time" and not cfg.ecg_tokenizer.lead_boundaries:
+    if not symbolic:
+        _check_ecg_input_settings(cfg)
+    elif cfg.truncation == "time" and not cfg.ecg_tokenizer.lead_boundaries:
         raise PrepareError(
             "truncation='time' cuts every lead at the same second, which needs an ECG tokenizer "
             "whose tokens never span two leads: set ecg_tokenizer.lead_boundaries=True"
@@ -781,12 +941,14 @@ def prepare(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     counts = {split: len(items) for split, items in splits.items()}
     print(f"conversations: {source_report.get('kept', len(convs))} kept -> examples {counts}")
 
+    symbolic = cfg.representation == "symbolic"
     train_rows = [segment_rows[c.example_id] for c in splits.get("train", [])]
-    ecg_tok = ecg_tokenizer(cfg, workdir, train_rows, fetch)
+    # signal / image: no ECG-Byte tokenizer; a one-id ECG block whose id is the placeholder
+    ecg_tok = ecg_tokenizer(cfg, workdir, train_rows, fetch) if symbolic else None
     text_tok, text_path = text_tokenizer(cfg, workdir, splits.get("train", []))
     vocab = text.EcgVocab(
         max(text_tok.vocab_size, model_vocab_size(cfg)),
-        ecg_tok.vocab_size,
+        ecg_tok.vocab_size if symbolic else 1,
         markers=cfg.text.ecg_markers,
         text_pad_id=text_tok.pad_id,
     )
@@ -795,9 +957,16 @@ def prepare(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     pending = [convs for _, path, convs in plan if not _is_done(path)]
     needed = sorted({segment_rows[c.example_id] for convs in pending for c in convs})
     t_enc = time.perf_counter()
-    ecg_ids = encode_segments(cfg, ecg_tok, needed, fetch)
+    if symbolic:
+        ecg_ids, ecg_inputs = encode_segments(cfg, ecg_tok, needed, fetch), None
+    else:
+        placeholders = np.zeros(ecg_input_settings(cfg)["ecg_tokens"], np.int32)
+        ecg_ids = {row: placeholders for row in needed}
+        ecg_inputs = make_ecg_inputs(cfg, needed, fetch)
     seconds_encode = time.perf_counter() - t_enc
-    split_stats = write_shards(cfg, plan, ecg_ids, segment_rows, fetch, text_path, vocab)
+    split_stats = write_shards(
+        cfg, plan, ecg_ids, segment_rows, fetch, text_path, vocab, ecg_inputs
+    )
 
     manifest = {
         "format": SHARD_FORMAT,
@@ -805,7 +974,9 @@ def prepare(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         "representation": cfg.representation,
         "budget": cfg.budget,
         "truncation": cfg.truncation,
-        "ecg_tokenizer": {
+        "ecg_tokenizer": None
+        if not symbolic
+        else {
             "path": str(cfg.ecg_tokenizer.path or workdir / "tokenizers" / "ecgbyte.json"),
             "fingerprint": ecg_tok.fingerprint(),
             "vocab_size": ecg_tok.vocab_size,
@@ -833,6 +1004,10 @@ def prepare(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
             "total_this_run": round(time.perf_counter() - t0, 2),
         },
     }
+    if not symbolic:
+        manifest["placeholder_id"] = int(vocab.to_llm([0])[0])
+        manifest["ecg_tokens"] = int(ecg_input_settings(cfg)["ecg_tokens"])
+        manifest["ecg_input"] = ecg_input_spec(cfg) | {"fs": float(cfg.data.target_fs)}
     report = {
         "source": source_report,
         "link_and_split": link_report,

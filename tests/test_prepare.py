@@ -260,8 +260,8 @@ def test_bad_settings_are_named(tmp_path):
     cfg.data.source = "nope"
     with pytest.raises(prepare.PrepareError, match="unknown data.source 'nope'"):
         prepare.prepare(cfg)
-    cfg = tiny_config(tmp_path / "b", representation="image")
-    with pytest.raises(prepare.PrepareError, match="representation 'image'"):
+    cfg = tiny_config(tmp_path / "b", representation="nope")
+    with pytest.raises(prepare.PrepareError, match="unknown representation 'nope'"):
         prepare.prepare(cfg)
     cfg = tiny_config(tmp_path / "c")
     cfg.data.generate_ecgs = 0

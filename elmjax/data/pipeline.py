@@ -29,9 +29,20 @@ positions  int32   position within its own example (restarts at 0 for each examp
 ========== ======= ==================================================================
 
 plus, in ``pad`` mode, the per-example model inputs the examples carry (:data:`MODEL_INPUTS`:
-``signal`` ``[12, L]`` float16, ``image``) stacked along the batch axis. ``pack`` (first-fit
-packing of several examples per row) is the default for the symbolic path; ``pad`` puts one
-example per row (needed when an example carries a per-example array such as the signal).
+``signal`` ``[12, L]`` float16, ``image``, ``ecg``) stacked along the batch axis. ``pack``
+(first-fit packing of several examples per row) is the default for the symbolic path; ``pad``
+puts one example per row (needed when an example carries a per-example array such as the
+signal).
+
+The signal / image shards of :mod:`elmjax.prepare` store each example's ECG input as ``ecg``
+(float16 ``[leads, L]`` signal, handed on as **float32**; uint8 ``[S, S, 3]`` image, as is):
+
+- ``fit="pad"``: ``batch["ecg"]`` is ``[B, *shape]``, row ``b``'s ECG (``elm.ELM`` with
+  ``packed_ecg=False``);
+- ``fit="pack"`` with ``ecg_slots=E``: ``batch["ecg"]`` is ``[B, E, *shape]``; slot ``e`` of a
+  row holds the ECG of the ``e``-th example of that row carrying one, unused slots are zeros
+  (``elm.ELM(..., packed_ecg=True)``; a row takes at most ``E`` such examples). Without
+  ``ecg_slots`` packing refuses examples with an ``ecg``.
 
 Sharding over hosts: host ``i`` of ``n`` reads examples ``i, i + n, i + 2n, ...`` of the
 concatenated shards, so hosts never see the same example and need no coordination. The
@@ -54,7 +65,8 @@ import numpy as np
 from elmjax.data import records
 
 SEQUENCE_KEYS = ("inputs", "targets", "loss_mask")
-MODEL_INPUTS = ("signal", "image")  # per-example arrays that reach the model (pad mode only)
+# per-example arrays that reach the model (pad mode; ``ecg`` also packed, into slots)
+MODEL_INPUTS = ("signal", "image", "ecg")
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -75,6 +87,8 @@ class PipelineConfig:
       worker_count: grain worker processes (0: in this process).
       worker_buffer_size: batches each worker prepares ahead.
       drop_remainder: drop the last incomplete batch.
+      ecg_slots: ``fit="pack"`` of examples carrying an ``ecg`` input: ECG slots per row
+        (``E``; at most that many such examples per row); 0 refuses to pack them.
     """
 
     seq_len: int = 1024
@@ -88,6 +102,7 @@ class PipelineConfig:
     worker_count: int = 0
     worker_buffer_size: int = 2
     drop_remainder: bool = True
+    ecg_slots: int = 0
 
     def __post_init__(self):
         if self.fit not in ("pack", "pad"):
@@ -96,6 +111,8 @@ class PipelineConfig:
             raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {self}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
+        if self.ecg_slots < 0:
+            raise ValueError(f"ecg_slots must be >= 0, got {self.ecg_slots}")
 
 
 class ExampleTooLongError(ValueError):
@@ -136,6 +153,8 @@ def next_token_example(data: bytes, *, seq_len: int) -> dict[str, np.ndarray]:
     for key in MODEL_INPUTS:  # per-example model inputs; ids, spans and strings stay behind
         if key in example:
             out[key] = np.asarray(example[key])
+    if "ecg" in out and out["ecg"].dtype == np.float16:
+        out["ecg"] = out["ecg"].astype(np.float32)  # signal: stored float16, fed as float32
     return out
 
 
@@ -154,27 +173,42 @@ def pad_example(example: dict[str, np.ndarray], *, seq_len: int, pad_id: int) ->
     return out
 
 
-def pack_rows(examples: Sequence[dict], *, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def pack_rows(
+    examples: Sequence[dict], *, seq_len: int, pad_id: int, ecg_slots: int = 0
+) -> dict[str, np.ndarray]:
     """First-fit packing of next-token examples into as few ``[R, seq_len]`` rows as it can.
 
     Each example goes, in order, into the first row with room for it; a new row is opened when
     none has. Rows keep the examples in arrival order; ``segment_ids`` number them 1, 2, ...
-    per row and ``positions`` restart at 0 for each.
+    per row and ``positions`` restart at 0 for each. With ``ecg_slots=E``, examples carrying
+    an ``ecg`` go only into rows with fewer than ``E`` of them, and ``ecg`` is ``[R, E, ...]``
+    (slot ``e``: the ``e``-th such example of the row; zeros where unused).
     """
-    extra = sorted({key for ex in examples for key in ex} - set(SEQUENCE_KEYS))
+    allowed = set(SEQUENCE_KEYS) | ({"ecg"} if ecg_slots else set())
+    extra = sorted({key for ex in examples for key in ex} - allowed)
     if extra:
         raise ValueError(
             f"examples carry per-example arrays {extra}; packing cannot place them in a row. "
-            "Use fit='pad' for representations with a signal or image input."
+            "Use fit='pad' for representations with a signal or image input"
+            + (" (or fit='pack' with ecg_slots=E for their 'ecg')." if "ecg" in extra else ".")
         )
     lengths = np.array([len(ex["inputs"]) for ex in examples], dtype=np.int64)
+    has_ecg = np.array(["ecg" in ex for ex in examples], dtype=bool)
     free = np.full(len(examples), seq_len, dtype=np.int64)  # at most one row per example
+    slots_free = np.full(len(examples), ecg_slots if has_ecg.any() else 1, dtype=np.int64)
     row_of = np.empty(len(examples), dtype=np.int64)
+    slot_of = np.zeros(len(examples), dtype=np.int64)
     n_rows = 0
     for i, length in enumerate(lengths):
-        r = int(np.argmax(free[: n_rows + 1] >= length))  # row n_rows is still empty
+        fits = free[: n_rows + 1] >= length  # row n_rows is still empty
+        if has_ecg[i]:
+            fits &= slots_free[: n_rows + 1] > 0
+        r = int(np.argmax(fits))
         row_of[i] = r
         free[r] -= length
+        if has_ecg[i]:
+            slot_of[i] = ecg_slots - slots_free[r]
+            slots_free[r] -= 1
         n_rows = max(n_rows, r + 1)
     out = {
         "inputs": np.full((n_rows, seq_len), pad_id, np.int32),
@@ -195,6 +229,14 @@ def pack_rows(examples: Sequence[dict], *, seq_len: int, pad_id: int) -> dict[st
         out["segment_ids"][r, a:b] = count[r]
         out["positions"][r, a:b] = ramp[:length]
         fill[r] = b
+    if has_ecg.any():
+        first = examples[int(np.argmax(has_ecg))]["ecg"]
+        out["ecg"] = np.zeros((n_rows, ecg_slots, *first.shape), first.dtype)
+        for i in np.flatnonzero(has_ecg):
+            ecg = examples[i]["ecg"]
+            if ecg.shape != first.shape:
+                raise ValueError(f"examples carry 'ecg' of shapes {first.shape} and {ecg.shape}")
+            out["ecg"][row_of[i], slot_of[i]] = ecg
     return out
 
 
@@ -255,8 +297,14 @@ class ChunkReader:
         keys = (self.shard_index + positions * self.shard_count).tolist()
         fit = functools.partial(next_token_example, seq_len=self.cfg.seq_len)
         examples = [fit(data) for data in self.source.__getitems__(keys)]
-        rows = pack_rows if self.cfg.fit == "pack" else pad_rows
-        return rows(examples, seq_len=self.cfg.seq_len, pad_id=self.cfg.pad_id)
+        if self.cfg.fit == "pad":
+            return pad_rows(examples, seq_len=self.cfg.seq_len, pad_id=self.cfg.pad_id)
+        return pack_rows(
+            examples,
+            seq_len=self.cfg.seq_len,
+            pad_id=self.cfg.pad_id,
+            ecg_slots=self.cfg.ecg_slots,
+        )
 
 
 def make_dataset(

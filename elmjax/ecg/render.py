@@ -1160,3 +1160,92 @@ def rasterize_matplotlib(
         out[:h, :w] = img[:h, :w]
         return out
     return img.copy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-input images at a fixed size
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Box-filter taps ``(index [n_out, K], weight [n_out, K])`` along one axis.
+
+    Output pixel ``j`` covers the source interval ``[j, j + 1) * n_in / n_out``; each source
+    pixel it touches is weighted by its overlap with that interval, weights summing to 1.
+    ``K`` is the most source pixels any output pixel touches (unused taps: weight 0).
+    """
+    edges = np.arange(n_out + 1, dtype=np.float64) * (n_in / n_out)
+    lo, hi = edges[:-1], edges[1:]
+    first = np.minimum(np.floor(lo).astype(np.int64), n_in - 1)
+    k = int((np.ceil(hi - 1e-9).astype(np.int64) - first).max())
+    index = np.minimum(first[:, None] + np.arange(k)[None, :], n_in - 1)
+    src = first[:, None] + np.arange(k)[None, :]
+    overlap = np.clip(np.minimum(hi[:, None], src + 1) - np.maximum(lo[:, None], src), 0, None)
+    weight = overlap / overlap.sum(axis=1, keepdims=True)
+    return index, weight.astype(np.float32)
+
+
+def _area_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Area-resizes float32 ``x`` along ``axis`` to ``n_out`` (a weighted sum of K gathers)."""
+    index, weight = _area_taps(x.shape[axis], n_out)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    out = np.zeros(x.shape[:axis] + (n_out,) + x.shape[axis + 1 :], np.float32)
+    for k in range(index.shape[1]):
+        out += np.take(x, index[:, k], axis=axis) * weight[:, k].reshape(shape)
+    return out
+
+
+def resize_area(images: Any, height: int, width: int) -> np.ndarray:
+    """Area (box-filter, antialiased) resize of uint8 ``[N, H, W, C]`` -> ``[N, height, width, C]``.
+
+    Each output pixel is the mean of the source area under it (fractional pixels weighted by
+    their overlap), as OpenCV's ``INTER_AREA`` for downsampling: thin ECG traces and grid lines
+    fade into the average instead of vanishing or aliasing. Separable (rows, then columns).
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    if height < 1 or width < 1:
+        raise ValueError(f"height and width must be >= 1, got {height} x {width}")
+    if images.shape[1:3] == (height, width):
+        return images.copy()
+    x = _area_axis(images.astype(np.float32), height, axis=1)  # whole rows: contiguous copies
+    x = _area_axis(x, width, axis=2)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def model_images(
+    signals: Any,
+    *,
+    fs: float,
+    size: int,
+    layout: str = "6x2",
+    leads: Sequence[str] = LEADS,
+    px_per_mm: float = 4.0,
+    chunk: int = 32,
+) -> np.ndarray:
+    """ECGs ``[N, len(leads), L]`` (mV) -> uint8 ``[N, size, size, 3]`` vision-tower inputs.
+
+    The whole printout (:func:`rasterize_batch` at true paper scale, ``px_per_mm`` pixels per
+    mm, ``rhythm_lead`` II for ``"3x4"`` when lead II is drawn) is resized to ``size x size``
+    with :func:`resize_area`: never cropped, as the reference's SigLIP / ViT processors do.
+    Rendered ``chunk`` ECGs at a time to bound memory. Prepare, evaluation and chat call this,
+    so the model always sees the same picture of an ECG.
+    """
+    signals = np.asarray(signals)
+    leads = tuple(leads)
+    rhythm = "II" if "II" in leads else None
+    out = np.empty((signals.shape[0], size, size, 3), np.uint8)
+    for lo in range(0, signals.shape[0], chunk):
+        sheet = rasterize_batch(
+            signals[lo : lo + chunk],
+            fs=fs,
+            layout=layout,
+            px_per_mm=px_per_mm,
+            leads=leads,
+            rhythm_lead=rhythm,
+        )
+        out[lo : lo + chunk] = resize_area(sheet, size, size)
+    return out
