@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from elmjax import prepare
 from elmjax.data import records
+from elmjax.models import elm
 from elmjax.models.llm import LLM
 from elmjax.tokenize import text
 
@@ -84,7 +85,7 @@ def _batches(examples: Sequence[Any], batch_size: int):
 
 
 def exact_match(
-    model: LLM,
+    model: LLM | elm.ELM,
     examples: Sequence[dict],
     vocab: text.EcgVocab,
     *,
@@ -102,8 +103,13 @@ def exact_match(
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def predict(state, tokens, positions, segment_ids):
-        logits = nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segment_ids)
+    def predict(state, tokens, positions, segment_ids, ecg):
+        model = nnx.merge(graphdef, state)
+        if ecg is None:  # symbolic, or an ELM's prompt without its placeholders
+            model = model.llm if isinstance(model, elm.ELM) else model
+            logits = model(tokens, positions=positions, segment_ids=segment_ids)
+        else:
+            logits = model(tokens, ecg, positions=positions, segment_ids=segment_ids)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     correct: dict[str, list[bool]] = collections.defaultdict(list)
@@ -120,19 +126,28 @@ def exact_match(
         if len(ids) > seq_len:
             name = json.loads(ex["conversation"]).get("example_id", f"example {n}")
             raise ValueError(f"{name}: {len(ids)} tokens, more than seq_len={seq_len}")
-        rows.append((ids, spans, ex["conversation"]))
+        # signal / image: the ECG input (dropped with its placeholders when without_ecg)
+        ecg = None if without_ecg or "ecg" not in ex else np.asarray(ex["ecg"])
+        if ecg is not None and ecg.dtype == np.float16:
+            ecg = ecg.astype(np.float32)
+        rows.append((ids, spans, ex["conversation"], ecg))
     rows.sort(key=lambda r: len(r[0]))
     for chunk in _batches(rows, batch_size):
         width = min(seq_len, -(-len(chunk[-1][0]) // bucket) * bucket)
         b = batch_size  # fixed batch: the last one is padded
         tokens = np.full((b, width), vocab.pad_id, np.int32)
         segment_ids = np.zeros((b, width), np.int32)
-        for i, (ids, _, _) in enumerate(chunk):
+        ecg = None
+        if chunk[0][3] is not None:
+            ecg = np.zeros((b, *chunk[0][3].shape), chunk[0][3].dtype)
+        for i, (ids, _, _, row_ecg) in enumerate(chunk):
             tokens[i, : len(ids)] = ids
             segment_ids[i, : len(ids)] = 1
+            if ecg is not None:
+                ecg[i] = row_ecg
         positions = np.broadcast_to(np.arange(width, dtype=np.int32), (b, width))
-        pred = np.asarray(predict(state, tokens, positions, segment_ids))
-        for i, (ids, spans, conv) in enumerate(chunk):
+        pred = np.asarray(predict(state, tokens, positions, segment_ids, ecg))
+        for i, (ids, spans, conv, _) in enumerate(chunk):
             labels = answer_labels(json.loads(conv))
             for k, (start, end) in enumerate(spans):
                 ok = bool(np.all(pred[i, start - 1 : end - 1] == ids[start:end]))
@@ -147,7 +162,7 @@ def exact_match(
 
 
 def evaluate_split(
-    model: LLM,
+    model: LLM | elm.ELM,
     workdir: str | Path,
     split: str = "test",
     *,

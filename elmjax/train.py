@@ -52,8 +52,10 @@ from tqdm import tqdm
 
 from elmjax import checkpoint, parallel, prepare
 from elmjax.data import pipeline
-from elmjax.models import hf, lora
+from elmjax.models import ecg_encoders, elm, hf, lora, vision
 from elmjax.models.llm import LLM, LLMConfig
+from elmjax.models.projector import Projector, ProjectorConfig
+from elmjax.models.transformer import EncoderConfig
 
 SCHEDULES = ("noam", "cosine", "constant")
 
@@ -128,11 +130,45 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
             f"model.remat {remat!r} is not a jax.checkpoint_policies name; use '' (off) or e.g. "
             "'nothing_saveable', 'dots_saveable'"
         )
+    if cfg.representation != "symbolic":
+        check_encoder_config(cfg)
     mesh = dict(cfg.mesh)
     if set(mesh) != set(parallel.MESH_AXES):
         raise ConfigError(
             f"mesh must have exactly the axes {parallel.MESH_AXES}, got {sorted(mesh)}"
         )
+
+
+SIGNAL_ENCODERS = tuple(ecg_encoders.ENCODERS)
+IMAGE_ENCODERS = vision.KINDS
+
+
+def check_encoder_config(cfg: ml_collections.ConfigDict) -> None:
+    """The ``encoder`` / ``projector`` sections of a signal or image run."""
+    if "encoder" not in cfg or "projector" not in cfg:
+        raise ConfigError(
+            f"representation {cfg.representation!r} needs 'encoder' and 'projector' config "
+            "sections (see configs/signal_stmem_1024.py)"
+        )
+    e = cfg.encoder
+    names = SIGNAL_ENCODERS if cfg.representation == "signal" else IMAGE_ENCODERS
+    if e.name not in names:
+        raise ConfigError(
+            f"encoder.name {e.name!r} is not a {cfg.representation} encoder; use one of {names}"
+        )
+    if e.output not in ("pooled", "tokens"):
+        raise ConfigError(f"encoder.output must be 'pooled' or 'tokens', got {e.output!r}")
+    if e.checkpoint and not Path(e.checkpoint).is_dir():
+        hint = e.get("download_hint", "")
+        raise ConfigError(
+            f"encoder.checkpoint {e.checkpoint} does not exist" + (f": {hint}" if hint else "")
+        )
+    if cfg.train.fit != "pad":
+        raise ConfigError(
+            f"representation {cfg.representation!r} trains one example per row: set train.fit='pad'"
+        )
+    if cfg.projector.kind not in ("linear", "mlp"):
+        raise ConfigError(f"projector.kind must be 'linear' or 'mlp', got {cfg.projector.kind!r}")
 
 
 def check_mesh_fits(cfg: ml_collections.ConfigDict, n_devices: int) -> None:
@@ -157,7 +193,82 @@ def check_mesh_fits(cfg: ml_collections.ConfigDict, n_devices: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: ml_collections.ConfigDict, manifest: dict, mesh) -> LLM:
+def build_model(cfg: ml_collections.ConfigDict, manifest: dict, mesh) -> LLM | elm.ELM:
+    """The model of a run, born sharded on ``mesh``: the LLM (+ LoRA) sized for the manifest's
+    vocabulary; for the signal and image representations wrapped with its encoder and
+    projector in an :class:`~elmjax.models.elm.ELM`."""
+    model = build_llm(cfg, manifest, mesh)
+    if cfg.representation == "symbolic":
+        return model
+    encoder, width = build_encoder(cfg)
+    projector = Projector(
+        ProjectorConfig(
+            in_dim=width,
+            out_dim=model.config.hidden_size,
+            kind=cfg.projector.kind,
+            dtype=cfg.model.dtype,
+            param_dtype=cfg.model.param_dtype,
+        ),
+        rngs=nnx.Rngs(cfg.seed + 3),
+    )
+    out = elm.ELM(encoder, projector, model, manifest["placeholder_id"])
+    with jax.set_mesh(mesh):
+        parallel.shard_model_state(out, mesh)
+    return out
+
+
+def build_encoder(cfg: ml_collections.ConfigDict) -> tuple[nnx.Module, int]:
+    """The ECG encoder of a signal / image run and its feature width.
+
+    ``encoder.checkpoint``: a pretrained encoder (signal: the ``WORKDIR/encoder`` export of
+    ``python -m elmjax.pretrain``; image: a Hugging Face ViT / CLIP / SigLIP directory); empty:
+    a fresh one (``encoder.tiny``: the CPU-sized one of the demos).
+    """
+    e = cfg.encoder
+    rngs = nnx.Rngs(cfg.seed + 2)
+    if cfg.representation == "signal":
+        if e.checkpoint:
+            from elmjax import pretrain  # noqa: PLC0415 (pretrain imports this module lazily)
+
+            enc = pretrain.load_pretrained_encoder(e.checkpoint)
+            if enc.config.output != e.output:
+                enc = ecg_encoders.replace_config(enc, output=e.output)
+        else:
+            leads = tuple(cfg.data.get("leads", ()) or ())
+            make = ecg_encoders.tiny_config if e.tiny else ecg_encoders.default_config
+            conf = make(
+                e.name,
+                seq_len=cfg.data.seg_len,
+                num_leads=len(leads) or 12,
+                output=e.output,
+            )
+            enc = ecg_encoders.make_encoder(e.name, conf, rngs=rngs)
+        return enc, enc.feature_dim
+    if e.checkpoint:
+        tower, vcfg = vision.load_vision(e.checkpoint, dtype=cfg.model.dtype, output=e.output)
+    else:
+        size = int(cfg.data.get("image_size", prepare.DEFAULT_IMAGE_SIZE))
+        width = 64 if e.tiny else 768
+        vcfg = vision.VisionConfig(
+            kind=e.name,
+            encoder=EncoderConfig(
+                hidden_size=width,
+                num_layers=2 if e.tiny else 12,
+                num_heads=4 if e.tiny else 12,
+                intermediate_size=4 * width,
+                activation="quick_gelu" if e.name == "clip" else "gelu",
+                dtype=cfg.model.dtype,
+                initializer_range=0.02,
+            ),
+            image_size=size,
+            patch_size=16,
+            output=e.output,
+        )
+        tower = vision.make_tower(vcfg, rngs=rngs)
+    return elm.ImageEncoder(tower), vcfg.feature_dim
+
+
+def build_llm(cfg: ml_collections.ConfigDict, manifest: dict, mesh) -> LLM:
     """The LLM (+ LoRA) sized for the manifest's vocabulary, born sharded on ``mesh``."""
     vocab = manifest["vocab"]
     m = cfg.model
@@ -211,7 +322,20 @@ def build_model(cfg: ml_collections.ConfigDict, manifest: dict, mesh) -> LLM:
 
 def trainable(cfg: ml_collections.ConfigDict):
     """The nnx filter of what the optimiser updates."""
-    return lora.trainable_filter(cfg.model.train_extra_vocab, lora=cfg.lora.rank > 0)
+    if cfg.representation == "symbolic":
+        return lora.trainable_filter(cfg.model.train_extra_vocab, lora=cfg.lora.rank > 0)
+    return elm.trainable_filter(
+        train_encoder=cfg.encoder.train,
+        lora=cfg.lora.rank > 0,
+        train_projector=True,
+        train_llm=cfg.lora.rank == 0,
+        train_extra_vocab=cfg.model.train_extra_vocab,
+    )
+
+
+def llm_of(model: LLM | elm.ELM) -> LLM:
+    """The decoder of a model (itself, or an ELM's)."""
+    return model.llm if isinstance(model, elm.ELM) else model
 
 
 def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int, d_model: int):
@@ -310,8 +434,10 @@ def loss_sums(model: LLM, batch: dict[str, jax.Array], loss_positions: int):
         logits_positions = answer_positions(weights, loss_positions)
         targets = jnp.take_along_axis(targets, logits_positions, axis=1)
         weights = jnp.take_along_axis(weights, logits_positions, axis=1)
+    ecg = (batch["ecg"],) if "ecg" in batch else ()  # signal / image: the ELM's ECG input
     logits = model(
         batch["inputs"],
+        *ecg,
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
         logits_positions=logits_positions,
@@ -436,7 +562,8 @@ def global_batch(
         k: jax.make_array_from_process_local_data(
             sharding, local[k], None if rows is None else (rows, *local[k].shape[1:])
         )
-        for k in pipeline.BATCH_KEYS
+        for k in (*pipeline.BATCH_KEYS, "ecg")
+        if k in local
     }
 
 
@@ -569,7 +696,7 @@ def train(
 
     mesh = parallel.make_mesh(**dict(cfg.mesh))
     model = build_model(cfg, manifest, mesh)
-    llm_cfg = model.config
+    llm_cfg = llm_of(model).config
     rows = estimate_rows(manifest, workdir, cfg.budget, cfg.train.fit)
     total_steps = cfg.train.steps or max(1, int(cfg.train.epochs * rows / cfg.train.batch_size))
     schedule = learning_rate(cfg, total_steps, llm_cfg.hidden_size)
@@ -761,7 +888,7 @@ def validation_loss(cfg, fns: StepFns, state, workdir: Path, manifest: dict) -> 
     for local in batches[:n]:
         t, c = fns.eval_step(state, global_batch(local, fns.batch_sharding, rows))
         total, count = total + float(t), count + float(c)
-    return total / max(count, 1.0)
+    return total / count if count else float("nan")  # nan: no full validation batch
 
 
 # ----------------------------------------------------------------------------------------------

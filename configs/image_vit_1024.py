@@ -1,0 +1,13 @@
+"""End-to-End LLaVA with the vit vision tower on the rendered 12-lead printout (image path).
+
+    python -m elmjax.train --config=configs/image_vit_1024.py        # needs the HF checkpoint
+    python -m elmjax.train --config=configs/image_vit_1024.py:demo   # CPU, synthetic set
+
+Every setting and the demo are described in :mod:`elmjax.elm_configs`.
+"""
+
+from elmjax.elm_configs import elm_config
+
+
+def get_config(arg=None):
+    return elm_config("image", "vit", arg)
