@@ -151,6 +151,17 @@ def _var_names(var: nnx.Variable) -> Sequence[str | None] | None:
     return tuple(names) if names else None
 
 
+def placement(state: Any, mesh: Mesh | None) -> Any:
+    """Where to load ``state``: :func:`state_shardings` on ``mesh``, or (no mesh) the first
+    device for every Variable (checkpoint loaders fill the tree with these)."""
+    if mesh is not None:
+        return state_shardings(state, mesh)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(
+        lambda v: v.replace(device), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
 def state_shardings(state: Any, mesh: Mesh) -> Any:
     """A NamedSharding for each Variable of ``state`` (concrete or abstract), from its names.
 

@@ -384,13 +384,7 @@ def load_hf(
 
     abstract = nnx.eval_shape(lambda: LLM(config, rngs=nnx.Rngs(seed)))
     graphdef, state = nnx.split(abstract)
-    if mesh is not None:
-        shardings = parallel.state_shardings(state, mesh)
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(
-            lambda v: v.replace(device), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-        )
+    shardings = parallel.placement(state, mesh)
 
     by_path: dict[tuple, list[ParamMap]] = {}
     for m in param_map(config):

@@ -1011,13 +1011,7 @@ def load_vision(
 
     abstract = nnx.eval_shape(lambda: make_tower(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    if mesh is not None:
-        shardings = parallel.state_shardings(state, mesh)
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(
-            lambda v: v.replace(device), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-        )
+    shardings = parallel.placement(state, mesh)
     by_path = {m.path: m for m in maps}
     flat_state = dict(nnx.to_flat_state(state))
     flat_shardings = dict(nnx.to_flat_state(shardings))
