@@ -39,7 +39,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from elmjax import prepare
-from elmjax.data import records
+from elmjax.data import pipeline, records
 from elmjax.models import elm
 from elmjax.models.llm import LLM
 from elmjax.tokenize import text
@@ -127,9 +127,7 @@ def exact_match(
             name = json.loads(ex["conversation"]).get("example_id", f"example {n}")
             raise ValueError(f"{name}: {len(ids)} tokens, more than seq_len={seq_len}")
         # signal / image: the ECG input (dropped with its placeholders when without_ecg)
-        ecg = None if without_ecg or "ecg" not in ex else np.asarray(ex["ecg"])
-        if ecg is not None and ecg.dtype == np.float16:
-            ecg = ecg.astype(np.float32)
+        ecg = None if without_ecg or "ecg" not in ex else pipeline.ecg_model_input(ex["ecg"])
         rows.append((ids, spans, ex["conversation"], ecg))
     rows.sort(key=lambda r: len(r[0]))
     for chunk in _batches(rows, batch_size):

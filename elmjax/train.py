@@ -442,8 +442,7 @@ def loss_sums(model: LLM, batch: dict[str, jax.Array], loss_positions: int):
         segment_ids=batch["segment_ids"],
         logits_positions=logits_positions,
     )
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return jnp.sum(ce * weights), jnp.sum(weights)
+    return elm.answer_loss(logits, targets, weights)
 
 
 @dataclasses.dataclass(frozen=True)

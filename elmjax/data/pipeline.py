@@ -153,9 +153,16 @@ def next_token_example(data: bytes, *, seq_len: int) -> dict[str, np.ndarray]:
     for key in MODEL_INPUTS:  # per-example model inputs; ids, spans and strings stay behind
         if key in example:
             out[key] = np.asarray(example[key])
-    if "ecg" in out and out["ecg"].dtype == np.float16:
-        out["ecg"] = out["ecg"].astype(np.float32)  # signal: stored float16, fed as float32
+    if "ecg" in out:
+        out["ecg"] = ecg_model_input(out["ecg"])
     return out
+
+
+def ecg_model_input(ecg: np.ndarray) -> np.ndarray:
+    """A stored ``ecg`` field as the model takes it: a signal (stored float16) as float32, an
+    image (uint8) as is."""
+    ecg = np.asarray(ecg)
+    return ecg.astype(np.float32) if ecg.dtype == np.float16 else ecg
 
 
 def pad_example(example: dict[str, np.ndarray], *, seq_len: int, pad_id: int) -> dict:
