@@ -27,7 +27,9 @@ Each example also stores its ECG input as ``ecg``: the float16 segment ``[leads,
 (``data.leads`` selects the rows), or the uint8 ``[S, S, 3]`` printout of
 :func:`elmjax.ecg.render.model_images` (``data.image_layout``, default ``"6x2"``;
 ``data.image_size`` S, default 224: rendered at true paper scale, area-resized, never
-cropped). The manifest adds ``placeholder_id``, ``ecg_tokens`` and ``ecg_input`` (kind, shape,
+cropped). The worker that writes a shard makes its examples' inputs from the segments, so
+rendering runs on ``data.workers`` cores and memory holds one shard, not the dataset. The
+manifest adds ``placeholder_id``, ``ecg_tokens`` and ``ecg_input`` (kind, shape,
 stored dtype). Train these shards with ``fit="pad"`` or packed ECG slots (see
 :mod:`elmjax.data.pipeline`).
 
@@ -530,32 +532,24 @@ def ecg_input_spec(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def make_ecg_inputs(
-    cfg: ml_collections.ConfigDict, rows_idx: Sequence[int], fetch, batch: int = 256
+def ecg_input_arrays(
+    spec: dict[str, Any], rows_idx: Sequence[int], fetch, batch: int = 64
 ) -> dict[int, np.ndarray]:
-    """Segment row -> the ``ecg`` array of :func:`ecg_input_spec` (batched; images rendered)."""
-    spec = ecg_input_spec(cfg)
-    leads = lead_indices(cfg)
+    """Segment row -> the ``ecg`` array of ``spec`` (:func:`ecg_input_spec` plus ``fs`` and
+    ``lead_rows``), batched; images rendered."""
+    leads = spec.get("lead_rows")
     out: dict[int, np.ndarray] = {}
-    desc = "ECG -> images" if spec["kind"] == "image" else "ECG -> signals"
-    bar = tqdm(total=len(rows_idx), desc=desc, unit="seg", disable=not len(rows_idx))
     for part, x in _segment_batches(list(rows_idx), fetch, batch=batch, leads=leads):
         if spec["kind"] == "signal":
             arrays = x.astype(np.float16)
         else:
             arrays = render.model_images(
-                x,
-                fs=float(cfg.data.target_fs),
-                size=spec["shape"][0],
-                layout=spec["layout"],
-                leads=spec["leads"],
+                x, fs=spec["fs"], size=spec["shape"][0], layout=spec["layout"], leads=spec["leads"]
             )
         for i, a in zip(part, arrays, strict=True):
             if tuple(a.shape) != tuple(spec["shape"]):
                 raise PrepareError(f"segment {i}: ECG input {a.shape}, expected {spec['shape']}")
             out[i] = a
-        bar.update(len(part))
-    bar.close()
     return out
 
 
@@ -583,7 +577,7 @@ class ShardTask:
 
     path: str
     split: str
-    items: tuple  # (conversation dict, ecg payload or None, signal or None, ecg input or None)
+    items: tuple  # (conversation dict, ecg payload or None, segment row)
     text_tokenizer: str
     family: str
     vocab: text.EcgVocab
@@ -591,6 +585,9 @@ class ShardTask:
     policy: str
     system: str | None
     ecg_tokens: int = 0  # signal / image: placeholders every example must hold (0: symbolic)
+    segments: str = ""  # the segments directory the rows index
+    store_signal: bool = False  # keep each example's preprocessed segment as ``signal``
+    ecg_input: dict | None = None  # signal / image: ecg_input_spec + fs + lead_rows
 
 
 _TOKENIZERS: dict[tuple[str, str], text.TextTokenizer] = {}
@@ -600,6 +597,16 @@ def _cached_tokenizer(path: str, family: str) -> text.TextTokenizer:
     if (path, family) not in _TOKENIZERS:
         _TOKENIZERS[(path, family)] = text.load_text_tokenizer(path, template=family or None)
     return _TOKENIZERS[(path, family)]
+
+
+_SEGMENTS: dict[str, Any] = {}
+
+
+def _cached_fetch(seg_dir: str):
+    """This process's reader of a segments directory (workers open it once, not per shard)."""
+    if seg_dir not in _SEGMENTS:
+        _SEGMENTS[seg_dir] = preprocess.load_segments(seg_dir)[1]
+    return _SEGMENTS[seg_dir]
 
 
 def make_example(
@@ -654,9 +661,19 @@ def make_example(
 def write_shard_task(task: ShardTask) -> dict[str, Any]:
     """Builds and writes one shard; returns its statistics and skipped examples."""
     tok = _cached_tokenizer(task.text_tokenizer, task.family)
+    fetch = _cached_fetch(task.segments) if task.store_signal or task.ecg_input else None
+    # signal / image inputs are made here, one shard at a time (in the worker processes): the
+    # main process never holds a whole dataset of rendered images
+    inputs = (
+        ecg_input_arrays(task.ecg_input, sorted({row for *_, row in task.items}), fetch)
+        if task.ecg_input
+        else {}
+    )
     built, skipped = [], []
-    for conv_dict, ecg, signal, ecg_input in task.items:
+    for conv_dict, ecg, row in task.items:
         conv = sources.Conversation.from_dict(conv_dict)
+        signal = np.asarray(fetch(row), np.float16) if task.store_signal else None
+        ecg_input = inputs.get(row)
         try:
             built.append(
                 make_example(
@@ -763,15 +780,23 @@ def write_shards(
     plan: list[tuple[str, Path, list[sources.Conversation]]],
     ecg_ids: dict[int, Any],
     segment_rows: dict[str, int],
-    fetch,
+    seg_dir: Path,
     text_path: Path,
     vocab: text.EcgVocab,
-    ecg_inputs: dict[int, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Writes the shards of ``plan`` not yet finished; returns per-split statistics.
 
-    ``ecg_inputs`` (signal / image): segment row -> the array stored as each example's ``ecg``.
+    ``ecg_ids``: segment row -> its ECG-Byte ids (symbolic) or its placeholder block. The
+    signal / image input of each example (:func:`ecg_input_spec`) is made by the worker that
+    writes its shard, from the segments in ``seg_dir``.
     """
+    symbolic = cfg.representation == "symbolic"
+    ecg_input = None
+    if not symbolic:
+        ecg_input = ecg_input_spec(cfg) | {
+            "fs": float(cfg.data.target_fs),
+            "lead_rows": lead_indices(cfg),
+        }
     tasks, stats = [], collections.defaultdict(list)
     for split, path, convs in plan:
         if _is_done(path):
@@ -780,9 +805,7 @@ def write_shards(
         items = []
         for c in convs:
             row = segment_rows[c.example_id]
-            signal = np.asarray(fetch(row), np.float16) if cfg.data.store_signal else None
-            ecg_input = None if ecg_inputs is None else ecg_inputs[row]
-            items.append((c.to_dict(), ecg_ids[row], signal, ecg_input))
+            items.append((c.to_dict(), ecg_ids[row], row))
         tasks.append(
             ShardTask(
                 str(path),
@@ -793,9 +816,12 @@ def write_shards(
                 vocab,
                 cfg.budget,
                 # placeholders are never cut ("time" needs per-lead ECG-Byte ids)
-                cfg.truncation if ecg_inputs is None else "head",
+                cfg.truncation if symbolic else "head",
                 cfg.text.system_prompt or None,
-                0 if ecg_inputs is None else int(ecg_input_settings(cfg)["ecg_tokens"]),
+                0 if symbolic else int(ecg_input_settings(cfg)["ecg_tokens"]),
+                str(seg_dir),
+                bool(cfg.data.store_signal),
+                ecg_input,
             )
         )
     if tasks:
@@ -958,15 +984,14 @@ def prepare(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     needed = sorted({segment_rows[c.example_id] for convs in pending for c in convs})
     t_enc = time.perf_counter()
     if symbolic:
-        ecg_ids, ecg_inputs = encode_segments(cfg, ecg_tok, needed, fetch), None
-    else:
+        ecg_ids = encode_segments(cfg, ecg_tok, needed, fetch)
+    else:  # the signals / images themselves are made shard by shard in write_shards
         placeholders = np.zeros(ecg_input_settings(cfg)["ecg_tokens"], np.int32)
         ecg_ids = {row: placeholders for row in needed}
-        ecg_inputs = make_ecg_inputs(cfg, needed, fetch)
     seconds_encode = time.perf_counter() - t_enc
-    split_stats = write_shards(
-        cfg, plan, ecg_ids, segment_rows, fetch, text_path, vocab, ecg_inputs
-    )
+    t_write = time.perf_counter()
+    split_stats = write_shards(cfg, plan, ecg_ids, segment_rows, seg_dir, text_path, vocab)
+    seconds_write = time.perf_counter() - t_write
 
     manifest = {
         "format": SHARD_FORMAT,
@@ -1001,6 +1026,7 @@ def prepare(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         },
         "seconds": {
             "encode_ecgs": round(seconds_encode, 2),
+            "write_shards": round(seconds_write, 2),
             "total_this_run": round(time.perf_counter() - t0, 2),
         },
     }
