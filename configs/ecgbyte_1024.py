@@ -245,12 +245,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.peak_tflops = 0.0  # per device, for MFU; 0: look the device kind up (or skip)
 
-    # --- evaluation at the end of training (greedy exact match, with and without the ECG) ------
+    # --- evaluation (python -m elmjax.evaluate; at the end of training when after_training) ----
     c.eval = ml_collections.ConfigDict()
     c.eval.after_training = demo
     c.eval.split = "test"
     c.eval.limit = 0  # examples (0: all)
     c.eval.batch_size = 32
+    # conditions besides the real ECG (the ECG-utilisation ablation) and perturbations
+    c.eval.ablate = "zeros,shuffled,text_only"
+    c.eval.perturb = ""  # e.g. "noise:snr=10,wander" (elmjax.evaluate.parse_perturbation)
+    c.eval.seeds = "0"  # comma-separated; the paper repeats inference over 5 seeds
+    c.eval.temperature = 0.0  # 0: greedy; the reference sampled (reference-notes.md 5)
+    c.eval.top_k = 0
+    c.eval.top_p = 1.0
+    c.eval.max_new_tokens = 32
+    c.eval.paper_compat = False  # True: the reference's NLTK BLEU / rouge-package ROUGE-L
+    c.eval.bertscore = True
+    c.eval.bertscore_model = ""  # local directory (roberta-large: the paper); "": MiniLM-L6
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     return c

@@ -7,6 +7,7 @@ config without flags (the demo, notebooks, tests) calls :func:`load_config` with
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import ml_collections
@@ -31,3 +32,11 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} has no get_config(arg) function")
     return module.get_config(arg or None)
+
+
+def load_run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config a run was trained with (``WORKDIR/config.json``, written by training)."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: train the run first, or pass --config")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))

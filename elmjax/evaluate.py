@@ -26,6 +26,8 @@ learnt only the answer priors of the text does not.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -38,8 +40,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from elmjax import prepare
+from elmjax import generate, inputs, metrics, prepare
+from elmjax.config import load_run_config
 from elmjax.data import pipeline, records
+from elmjax.ecg import perturb
 from elmjax.models import elm
 from elmjax.models.llm import LLM
 from elmjax.tokenize import text
@@ -82,6 +86,87 @@ def answer_labels(conversation: dict[str, Any]) -> list[str]:
 def _batches(examples: Sequence[Any], batch_size: int):
     for start in range(0, len(examples), batch_size):
         yield examples[start : start + batch_size]
+
+
+def _right_pad(rows: Sequence[np.ndarray], width: int, pad_id: int) -> np.ndarray:
+    out = np.full((len(rows), width), pad_id, np.int32)
+    for i, ids in enumerate(rows):
+        out[i, : len(ids)] = ids
+    return out
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _embed_inputs(state, tokens, ecg, *, graphdef):
+    """An ELM's ``embed_inputs`` (module level: compiled once per graph and shapes)."""
+    return nnx.merge(graphdef, state).embed_inputs(tokens, ecg)
+
+
+def generate_answers(
+    model: LLM | elm.ELM,
+    prompts: Sequence[np.ndarray],
+    ecgs: Sequence[np.ndarray] | None = None,
+    *,
+    stop_ids: int | Sequence[int],
+    pad_id: int,
+    max_new_tokens: int = 32,
+    sampling: generate.Sampling | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[np.ndarray]:
+    """The answer ids (stop id removed) the model generates for each prompt, in order.
+
+    ``model``: an ``LLM``, or an ``ELM`` with ``ecgs`` (one model input per prompt, stored
+    float16 signals or uint8 printouts: each row's ECG vectors fill that row's placeholders);
+    an ``ELM`` without ``ecgs`` runs its plain LLM (prompts without placeholders). Prompts run
+    shortest first in batches of ``batch_size`` through :func:`elmjax.generate.generate` (one
+    prefill, one compiled decode loop). Sampling draws depend on ``seed``, the batch size and
+    the prompts' order (batch ``k`` uses seed ``seed * 1_000_003 + k``); greedy (``sampling``
+    None, the default) does not.
+    """
+    if ecgs is not None and len(ecgs) != len(prompts):
+        raise ValueError(f"{len(ecgs)} ECG inputs for {len(prompts)} prompts")
+    is_elm = isinstance(model, elm.ELM)
+    if ecgs is not None and not is_elm:
+        raise ValueError("ECG inputs need an ELM (signal / image representation)")
+    llm = model.llm if is_elm else model
+    if ecgs is not None:
+        graphdef, state = nnx.split(model)
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[np.ndarray] = [np.zeros(0, np.int32)] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
+    for k, chunk in enumerate(_batches(order, batch_size)):
+        rows = [np.asarray(prompts[i], np.int32) for i in chunk]
+        lengths = np.asarray([len(r) for r in rows], np.int32)
+        width = int(lengths.max())
+        kwargs: dict[str, Any] = {}
+        if ecgs is not None:
+            # one embed compile per (batch_size, width bucket): pad rows and width
+            bucket = generate.bucket(width, generate.MIN_PROMPT_BUCKET)
+            tokens = _right_pad(rows + [rows[0][:0]] * (batch_size - len(rows)), bucket, pad_id)
+            x = np.stack([pipeline.ecg_model_input(ecgs[i]) for i in chunk])
+            x = np.concatenate([x, np.zeros((batch_size - len(rows), *x.shape[1:]), x.dtype)])
+            embeds, mask = _embed_inputs(state, tokens, x, graphdef=graphdef)
+            kwargs = dict(embeds=embeds[: len(rows), :width], embed_mask=mask[: len(rows), :width])
+        g = generate.generate(
+            llm,
+            _right_pad(rows, width, pad_id),
+            lengths=lengths,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            pad_id=pad_id,
+            sampling=sampling or generate.Sampling(),
+            seed=seed * 1_000_003 + k,
+            **kwargs,
+        )
+        tokens_out, n_out, stopped = (np.asarray(a) for a in g)
+        for j, i in enumerate(chunk):
+            out[i] = tokens_out[j, : n_out[j] - int(stopped[j])]
+        bar.update(len(chunk))
+    bar.close()
+    return out
 
 
 def exact_match(
@@ -159,95 +244,445 @@ def exact_match(
     }
 
 
-def evaluate_split(
+# ----------------------------------------------------------------------------------------------
+# Conditions: the real ECG, its ablations and its perturbations
+# ----------------------------------------------------------------------------------------------
+
+ABLATIONS = ("ecg", "zeros", "shuffled", "text_only")
+# Short names of the perturbation kinds and parameters on the command line
+_KIND_ALIASES = {
+    "wander": "baseline_wander",
+    "bursts": "motion_bursts",
+    "dropout": "lead_dropout",
+    "scale": "amplitude_scale",
+}
+_PARAM_ALIASES = {"snr": "snr_db", "amplitude": "amplitude_mv", "amp": "amplitude_mv"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """What the model is shown in place of each example's ECG.
+
+    ``ecg``: the real one; ``zeros``: a flat-line ECG (all leads 0 mV) through the run's own
+    input path (its ECG-Byte ids, zeros, or the printout of flat traces); ``shuffled``: another
+    patient's ECG (a seeded derangement of the split's segments); ``text_only``: no ECG at all
+    (the ECG ids or placeholders removed, the ``<ecg>`` markers kept; an ELM runs its LLM
+    alone); ``perturb``: the real ECG with :func:`elmjax.ecg.perturb.apply_perturbations`
+    ``specs`` applied (seeded per example), then encoded as in training.
+    """
+
+    name: str
+    specs: tuple = ()  # perturbation spec dicts, as (key, value) tuples
+
+    @property
+    def perturb(self) -> list[dict[str, Any]]:
+        return [dict(spec) for spec in self.specs]
+
+
+def parse_perturbation(item: str) -> Condition:
+    """``"noise:snr=10"``, ``"wander"``, ``"powerline:amplitude_mv=0.1:harmonics=1"`` or a
+    :data:`elmjax.ecg.perturb.PRESETS` name -> a perturbation condition.
+
+    A kind without parameters takes the ``moderate`` level of the presets (noise 10 dB SNR,
+    wander 0.3 mV, mains 0.05 mV); aliases: ``wander``, ``bursts``, ``dropout``, ``scale``,
+    ``snr`` (``snr_db``), ``amp`` / ``amplitude`` (``amplitude_mv``).
+    """
+    item = item.strip()
+    if item in perturb.PRESETS:
+        specs = perturb.PRESETS[item]
+    else:
+        kind, *params = item.split(":")
+        kind = _KIND_ALIASES.get(kind, kind)
+        spec: dict[str, Any] = {"kind": kind}
+        preset = perturb.PRESETS.get(f"{kind}_moderate")
+        if preset and not params:
+            spec = dict(preset[0])
+        for param in params:
+            key, eq, value = param.partition("=")
+            if not eq:
+                raise ValueError(f"--perturb {item!r}: {param!r} is not key=value")
+            try:
+                spec[_PARAM_ALIASES.get(key, key)] = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--perturb {item!r}: {key}={value!r} is not a number") from e
+        specs = [spec]
+    specs = perturb.validate_specs(specs)
+    return Condition(item, tuple(tuple(sorted(spec.items())) for spec in specs))
+
+
+def parse_conditions(ablate: str | Sequence[str], perturbations: str | Sequence[str] = ()):
+    """The conditions of a run: ``ecg`` first, then the ablations, then the perturbations."""
+    names = [a.strip() for a in (ablate.split(",") if isinstance(ablate, str) else ablate)]
+    unknown = [n for n in names if n and n not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown --ablate {unknown}; use some of {', '.join(ABLATIONS)}")
+    out = [Condition("ecg")] + [Condition(n) for n in names if n and n != "ecg"]
+    items = perturbations.split(",") if isinstance(perturbations, str) else perturbations
+    out += [parse_perturbation(p) for p in items if p.strip()]
+    seen = [c.name for c in out]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"a condition is named twice: {seen}")
+    return out
+
+
+def _derangement(patients: Sequence[str], seed: int) -> np.ndarray:
+    """``perm`` with ``patients[perm[i]] != patients[i]`` wherever possible (seeded)."""
+    n = len(patients)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    for i in range(n):  # swap away every clash with a partner that does not clash after it
+        if patients[perm[i]] != patients[i]:
+            continue
+        for j in rng.permutation(n):
+            if patients[perm[j]] != patients[i] and patients[perm[i]] != patients[j]:
+                perm[i], perm[j] = perm[j], perm[i]
+                break
+    return perm
+
+
+def condition_examples(
+    condition: Condition,
+    examples: Sequence[dict],
+    run: inputs.RunInputs,
+    *,
+    seed: int = 0,
+    batch: int = 64,
+) -> list[dict]:
+    """The examples as the model sees them under ``condition`` (see :class:`Condition`)."""
+    if condition.name == "ecg":
+        return list(examples)
+    if condition.name == "text_only":
+        out = []
+        for ex in examples:
+            ids, spans = drop_ecg(ex["input_ids"], ex["answer_spans"], run.vocab)
+            out.append({"input_ids": ids, "answer_spans": spans})
+        return out
+    convs = [json.loads(ex["conversation"]) for ex in examples]
+    if condition.name == "zeros":
+        payload = run.payloads(np.zeros((12, run.seg_len), np.float32))[0]
+        return [run.example(c, payload) for c in convs]
+    sources_of = list(range(len(convs)))
+    if condition.name == "shuffled":
+        sources_of = _derangement([c["patient_id"] for c in convs], seed).tolist()
+    out = []
+    for start in range(0, len(convs), batch):
+        part = range(start, min(start + batch, len(convs)))
+        x = np.stack([run.segment(convs[sources_of[i]]) for i in part])
+        if condition.specs:
+            x = np.stack(
+                [
+                    perturb.apply_perturbations(
+                        x[k], run.fs, condition.perturb, np.random.default_rng([seed, i])
+                    )[0]
+                    for k, i in enumerate(part)
+                ]
+            )
+        out += [run.example(convs[i], p) for i, p in zip(part, run.payloads(x), strict=True)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation of a run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One reference answer of a split: example ``index``, its ``k``-th answer."""
+
+    index: int
+    k: int
+    example_id: str
+    question: str
+    reference: str
+    kind: str
+
+
+def split_answers(examples: Sequence[dict], tok: text.TextTokenizer) -> list[Answer]:
+    """Every reference answer of the examples, with its question and finding."""
+    out = []
+    for n, ex in enumerate(examples):
+        conv = json.loads(ex["conversation"])
+        kinds = answer_labels(conv)
+        users = [t["text"] for t in conv["turns"] if t["role"] == "user"]
+        for k, (start, end) in enumerate(np.asarray(ex["answer_spans"])):
+            out.append(
+                Answer(
+                    n,
+                    k,
+                    conv.get("example_id", f"example {n}"),
+                    users[k] if k < len(users) else "",
+                    tok.decode(ex["input_ids"][start:end]).strip(),
+                    kinds[k] if k < len(kinds) else "other",
+                )
+            )
+    return out
+
+
+def predict(
     model: LLM | elm.ELM,
+    examples: Sequence[dict],
+    answers: Sequence[Answer],
+    run: inputs.RunInputs,
+    *,
+    use_ecg: bool = True,
+    **kwargs: Any,
+) -> list[str]:
+    """The model's answer text to each question of ``answers``, from its example's prompt
+    (the reference prefix: earlier answers of a conversation are the reference ones)."""
+    prompts = [
+        examples[a.index]["input_ids"][: examples[a.index]["answer_spans"][a.k][0]] for a in answers
+    ]
+    ecgs = None
+    if use_ecg and isinstance(model, elm.ELM):
+        ecgs = [examples[a.index]["ecg"] for a in answers]
+    ids = generate_answers(
+        model,
+        prompts,
+        ecgs,
+        stop_ids=run.text_tokenizer.stop_ids,
+        pad_id=run.vocab.pad_id,
+        **kwargs,
+    )
+    return [run.text_tokenizer.decode(a).strip() for a in ids]
+
+
+def evaluate_run(
+    model: LLM | elm.ELM,
+    cfg: Any,
     workdir: str | Path,
     split: str = "test",
     *,
-    seq_len: int,
+    conditions: Sequence[Condition] | None = None,
+    seeds: Sequence[int] = (0,),
+    sampling: generate.Sampling | None = None,
+    max_new_tokens: int = 32,
     limit: int | None = None,
     batch_size: int = 32,
+    paper_compat: bool = False,
+    bertscore: bool = True,
+    bertscore_model: str | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Accuracy with and without the ECG on ``split``; writes ``WORKDIR/eval/<split>/``."""
-    manifest = prepare.load_manifest(workdir)
-    v = manifest["vocab"]
-    vocab = text.EcgVocab(
-        v["text_vocab_size"],
-        v["ecg_vocab_size"],
-        markers=v["markers"],
-        text_pad_id=v["text_pad_id"],
-    )
+    """Generates every answer of ``split`` under each condition and seed; scores them.
+
+    Writes ``WORKDIR/eval/<split>/predictions.jsonl`` (one line per answer, condition and seed:
+    question, reference, prediction, finding, exact match), ``metrics.json`` (per condition:
+    every metric per seed, their mean / std / 95 % t-interval over seeds and a bootstrap 95 %
+    interval over answers; the ECG-utilisation of every other condition: its drop from the
+    real ECG with a paired permutation test) and ``accuracy.png``. Returns the metrics.
+    """
+    conditions = list(conditions or parse_conditions(ABLATIONS))
+    run = inputs.RunInputs(cfg, workdir)
     examples = load_split(workdir, split, limit)
-    with_ecg = exact_match(model, examples, vocab, seq_len=seq_len, batch_size=batch_size)
-    no_ecg = exact_match(
-        model, examples, vocab, seq_len=seq_len, batch_size=batch_size, without_ecg=True
-    )
-    metrics = {
+    if not examples:
+        raise ValueError(f"{workdir}: the {split} split has no examples")
+    answers = split_answers(examples, run.text_tokenizer)
+    refs = [a.reference for a in answers]
+    kinds = [a.kind for a in answers]
+    per_condition: dict[str, dict[str, Any]] = {}
+    hits: dict[str, np.ndarray] = {}  # condition -> per-answer exact match of the first seed
+    lines = []
+    for cond in conditions:
+        runs = {}
+        for seed in seeds:
+            shown = condition_examples(cond, examples, run, seed=seed)
+            preds = predict(
+                model,
+                shown,
+                answers,
+                run,
+                use_ecg=cond.name != "text_only",
+                sampling=sampling,
+                seed=seed,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                progress=progress,
+                desc=f"{cond.name} (seed {seed})",
+            )
+            scores = metrics.compute_all(
+                preds,
+                refs,
+                groups=kinds,
+                paper_compat=paper_compat,
+                bertscore=bertscore,
+                bertscore_model=bertscore_model,
+            )
+            match = np.asarray(
+                [
+                    metrics.normalize_answer(p) == metrics.normalize_answer(r)
+                    for p, r in zip(preds, refs, strict=True)
+                ]
+            )
+            hits.setdefault(cond.name, match)
+            runs[seed] = scores
+            for a, pred, ok in zip(answers, preds, match, strict=True):
+                lines.append(
+                    {
+                        "example_id": a.example_id,
+                        "answer": a.k,
+                        "condition": cond.name,
+                        "seed": seed,
+                        "finding": a.kind,
+                        "question": a.question,
+                        "reference": a.reference,
+                        "prediction": pred,
+                        "correct": bool(ok),
+                    }
+                )
+        ci = metrics.bootstrap_ci(100.0 * hits[cond.name].astype(float), seed=0)
+        names = [k for k, _ in _COLUMNS if runs[seeds[0]].get(k) is not None]
+        per_condition[cond.name] = {
+            "perturbation": cond.perturb or None,
+            "per_seed": {str(seed): runs[seed] for seed in seeds},
+            "summary": {
+                name: metrics.seed_summary([runs[seed][name] for seed in seeds]) for name in names
+            },
+            "accuracy_bootstrap95": [ci["low"], ci["high"]],
+        }
+    base = per_condition["ecg"]["summary"]
+    utilisation = {}
+    for cond in conditions[1:]:
+        summary = per_condition[cond.name]["summary"]
+        test = metrics.paired_permutation_test(hits["ecg"], hits[cond.name], seed=0)
+        utilisation[cond.name] = {
+            "drop": {name: base[name]["mean"] - summary[name]["mean"] for name in summary},
+            "accuracy_p_value": test["p_value"],
+        }
+    result = {
         "split": split,
         "examples": len(examples),
-        "answers": with_ecg["all"]["answers"],
-        "accuracy": with_ecg["all"]["accuracy"],
-        "accuracy_without_ecg": no_ecg["all"]["accuracy"],
-        "by_finding": {
-            name: {
-                "answers": with_ecg[name]["answers"],
-                "accuracy": with_ecg[name]["accuracy"],
-                "accuracy_without_ecg": no_ecg[name]["accuracy"],
-            }
-            for name in with_ecg
-            if name != "all"
-        },
-        "method": "greedy exact match, computed teacher-forced (identical to greedy decoding)",
+        "answers": len(answers),
+        "seeds": list(seeds),
+        "decoding": dataclasses.asdict(sampling or generate.Sampling())
+        | {"max_new_tokens": max_new_tokens},
+        "recipe": "paper_compat" if paper_compat else "default",
+        "conditions": per_condition,
+        "ecg_utilisation": utilisation,
+        "accuracy": base["accuracy"]["mean"],
     }
+    if "text_only" in per_condition:
+        result["accuracy_without_ecg"] = per_condition["text_only"]["summary"]["accuracy"]["mean"]
     if jax.process_index() == 0:  # every process computed the same numbers; one writes them
         out = Path(workdir) / "eval" / split
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        plot_accuracy(metrics, out / "accuracy.png")
-    return metrics
+        with open(out / "predictions.jsonl", "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        (out / "metrics.json").write_text(json.dumps(json_safe(result), indent=1))
+        plot_accuracy(result, out / "accuracy.png")
+    return result
 
 
-def plot_accuracy(metrics: dict[str, Any], path: str | Path) -> None:
-    """Bar chart of the accuracy per finding, with and without the ECG."""
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float as None (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _first_seed(result: dict[str, Any], condition: str) -> dict[str, Any]:
+    return result["conditions"][condition]["per_seed"][str(result["seeds"][0])]
+
+
+def plot_accuracy(result: dict[str, Any], path: str | Path) -> None:
+    """Accuracy per finding under each condition (first seed), and overall."""
     import matplotlib  # noqa: PLC0415 (only when plotting)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    names = [*metrics["by_finding"], "all"]
-    rows = [*metrics["by_finding"].values(), metrics]
-    with_ecg = [r["accuracy"] for r in rows]
-    without = [r["accuracy_without_ecg"] for r in rows]
+    conds = list(result["conditions"])
+    by_type = {c: _first_seed(result, c).get("accuracy_by_type", {}) for c in conds}
+    findings = sorted(by_type["ecg"])
+    names = [*findings, "all"]
     y = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
-    ax.barh(y - 0.2, with_ecg, 0.4, label="with the ECG", color="tab:red")
-    ax.barh(y + 0.2, without, 0.4, label="ECG tokens removed", color="tab:gray")
-    for yi, v in zip(y, with_ecg, strict=True):
-        ax.text(v + 0.5, yi - 0.2, f"{v:.1f}", va="center", fontsize=8)
-    ax.set_yticks(y, [f"{n} ({r['answers']})" for n, r in zip(names, rows, strict=True)])
+    height = 0.8 / len(conds)
+    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(8.5, 0.35 * len(names) * max(2, len(conds)) / 2 + 1.5))
+    for j, c in enumerate(conds):
+        values = [by_type[c].get(f, np.nan) for f in findings]
+        values.append(_first_seed(result, c)["accuracy"])
+        ax.barh(y - 0.4 + (j + 0.5) * height, values, height, label=c, color=colors(j))
+    ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xlim(0, 105)
     ax.set_xlabel("exact-match accuracy (%)")
-    ax.set_title(f"{metrics['split']} split: {metrics['answers']} answers")
+    ax.set_title(f"{result['split']} split: {result['answers']} answers")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def print_table(metrics: dict[str, Any]) -> None:
-    """Accuracy per finding, with and without the ECG."""
-    print(f"\n{metrics['split']} split: {metrics['answers']} answers")
-    print(f"  {'finding':<28s} {'answers':>8s} {'with ECG':>9s} {'without':>9s}")
-    for name, m in metrics["by_finding"].items():
-        print(
-            f"  {name:<28s} {m['answers']:8d} {m['accuracy']:8.1f}% "
-            f"{m['accuracy_without_ecg']:8.1f}%"
-        )
+_COLUMNS = (
+    ("accuracy", "accuracy"),
+    ("bleu4", "BLEU-4"),
+    ("rouge_l", "ROUGE-L"),
+    ("meteor", "METEOR"),
+    ("bertscore_f1", "BERTScore"),
+)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """Every metric under every condition (mean over seeds, +- the 95 % t-interval with
+    several seeds), the accuracy drop from the real ECG with its p-value, and the accuracy per
+    finding."""
+    seeds = result["seeds"]
     print(
-        f"  {'all':<28s} {metrics['answers']:8d} {metrics['accuracy']:8.1f}% "
-        f"{metrics['accuracy_without_ecg']:8.1f}%"
+        f"\n{result['split']} split: {result['answers']} answers, {len(seeds)} seed(s), "
+        f"{'greedy' if not result['decoding']['temperature'] else 'sampled'} decoding, "
+        f"{result['recipe']} metrics"
     )
+    columns = [(k, n) for k, n in _COLUMNS if k in result["conditions"]["ecg"]["summary"]]
+    width = 16 if len(seeds) > 1 else 10
+    print(
+        f"  {'condition':<22s}"
+        + "".join(f"{n:>{width}s}" for _, n in columns)
+        + f"{'acc. drop':>11s}{'p':>8s}"
+    )
+    for name, c in result["conditions"].items():
+        cells = []
+        for key, _ in columns:
+            m = c["summary"][key]
+            cell = f"{m['mean']:.1f}" + (f" +- {m['ci95']:.1f}" if len(seeds) > 1 else "")
+            cells.append(f"{cell:>{width}s}")
+        u = result["ecg_utilisation"].get(name)
+        drop = f"{u['drop']['accuracy']:11.1f}{u['accuracy_p_value']:8.3f}" if u else ""
+        print(f"  {name:<22s}" + "".join(cells) + drop)
+    conds = list(result["conditions"])
+    by_type = {c: _first_seed(result, c).get("accuracy_by_type", {}) for c in conds}
+    if by_type["ecg"]:
+        print(f"\n  accuracy by finding (seed {seeds[0]})")
+        print(f"  {'finding':<36s}" + "".join(f"{c[:12]:>13s}" for c in conds))
+        for f in sorted(by_type["ecg"]):
+            print(
+                f"  {f:<36s}" + "".join(f"{by_type[c].get(f, float('nan')):12.1f}%" for c in conds)
+            )
+
+
+def eval_settings(cfg: Any) -> dict[str, Any]:
+    """``evaluate_run`` keyword arguments from a config's ``eval`` block (defaults for keys a
+    config does not set)."""
+    e = cfg.get("eval", {})
+    return {
+        "conditions": parse_conditions(e.get("ablate", ",".join(ABLATIONS)), e.get("perturb", "")),
+        "seeds": tuple(int(x) for x in str(e.get("seeds", "0")).split(",") if x.strip()),
+        "sampling": generate.Sampling(
+            temperature=e.get("temperature", 0.0),
+            top_k=e.get("top_k", 0),
+            top_p=e.get("top_p", 1.0),
+        ),
+        "max_new_tokens": e.get("max_new_tokens", 32),
+        "limit": e.get("limit", 0) or None,
+        "batch_size": e.get("batch_size", 32),
+        "paper_compat": e.get("paper_compat", False),
+        "bertscore": e.get("bertscore", True),
+        "bertscore_model": e.get("bertscore_model", "") or None,
+    }
 
 
 def main(argv: Sequence[str]) -> None:
@@ -256,25 +691,38 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     cfg = _CONFIG.value
-    if cfg is None:
-        raise app.UsageError("--config=configs/X.py[:arg] is required")
-    workdir = _WORKDIR.value or cfg.workdir
+    workdir = _WORKDIR.value or (cfg.workdir if cfg is not None else None)
+    if workdir is None:
+        raise app.UsageError("give --workdir=RUN (its config.json is used) or --config")
     try:
+        if cfg is None:
+            cfg = load_run_config(workdir)
+        e = cfg.eval
+        for key, flag in (
+            ("ablate", _ABLATE),
+            ("perturb", _PERTURB),
+            ("seeds", _SEEDS),
+            ("temperature", _TEMPERATURE),
+            ("top_k", _TOP_K),
+            ("top_p", _TOP_P),
+            ("max_new_tokens", _MAX_NEW),
+            ("limit", _LIMIT),
+            ("paper_compat", _PAPER_COMPAT),
+            ("bertscore", _BERTSCORE),
+            ("bertscore_model", _BERTSCORE_MODEL),
+        ):
+            if flag.present:
+                e[key] = flag.value
+        settings = eval_settings(cfg)
         model, step = train.load_trained(cfg, workdir, step=_STEP.value)
-        results = evaluate_split(
-            model,
-            workdir,
-            _SPLIT.value,
-            seq_len=cfg.budget,
-            limit=_LIMIT.value or None,
-            batch_size=cfg.eval.batch_size,
-        )
-    except (train.ConfigError, prepare.PrepareError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        result = evaluate_run(model, cfg, workdir, _SPLIT.value, **settings)
+    except (train.ConfigError, prepare.PrepareError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"checkpoint: step {step} of {workdir}")
-    print_table(results)
-    print(f"wrote {Path(workdir) / 'eval' / _SPLIT.value}/metrics.json and accuracy.png")
+    print_table(result)
+    out = Path(workdir) / "eval" / _SPLIT.value
+    print(f"wrote {out}/metrics.json, predictions.jsonl and accuracy.png")
 
 
 if __name__ == "__main__":
@@ -282,10 +730,28 @@ if __name__ == "__main__":
     from ml_collections import config_flags  # noqa: PLC0415
 
     _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "configs/X.py[:arg]", lock_config=False
+        "config", None, "configs/X.py[:arg] (default: RUN/config.json)", lock_config=False
     )
     _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: the config's)")
     _SPLIT = flags.DEFINE_string("split", "test", "prepared split to evaluate")
-    _LIMIT = flags.DEFINE_integer("limit", 0, "examples (0: all)")
     _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the last)")
+    _SEEDS = flags.DEFINE_string("seeds", "0", "comma-separated seeds (sampling, shuffles, noise)")
+    _ABLATE = flags.DEFINE_string(
+        "ablate", ",".join(ABLATIONS), "conditions besides the real ECG: zeros,shuffled,text_only"
+    )
+    _PERTURB = flags.DEFINE_string(
+        "perturb", "", "perturbations, e.g. noise:snr=10,wander,powerline_severe (see --helpfull)"
+    )
+    _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy decoding")
+    _TOP_K = flags.DEFINE_integer("top_k", 0, "sampling: keep the k likeliest ids (0: all)")
+    _TOP_P = flags.DEFINE_float("top_p", 1.0, "sampling: nucleus probability")
+    _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "answer tokens to generate at most")
+    _LIMIT = flags.DEFINE_integer("limit", 0, "examples (0: all)")
+    _PAPER_COMPAT = flags.DEFINE_bool(
+        "paper_compat", False, "the reference's recipe: NLTK BLEU (method1), rouge-package ROUGE-L"
+    )
+    _BERTSCORE = flags.DEFINE_bool("bertscore", True, "compute BERTScore F1")
+    _BERTSCORE_MODEL = flags.DEFINE_string(
+        "bertscore_model", "", "local BERTScore model directory (default: MiniLM-L6 offline)"
+    )
     app.run(main)

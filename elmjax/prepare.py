@@ -492,20 +492,29 @@ def text_tokenizer(
     return text.load_text_tokenizer(path, template=cfg.text.family or None), path
 
 
+def ecg_ids_of(
+    cfg: ml_collections.ConfigDict, tok: ecgbyte.ECGByteTokenizer, x: np.ndarray
+) -> list[Any]:
+    """ECG-Byte payloads of ``x [B, leads, L]`` (leads already selected): a lead-major id stream
+    each (``truncation="head"``), or per-lead ids + token lengths (``"time"``)."""
+    per_lead = cfg.truncation == "time"
+    encoded = tok.encode_signal(
+        x, mode=cfg.ecg_tokenizer.encode_mode, leads=per_lead, workers=cfg.data.workers
+    )
+    if per_lead:
+        return [(ids, [tok.token_lengths(lead) for lead in ids]) for ids in encoded]
+    return list(encoded)
+
+
 def encode_segments(
     cfg: ml_collections.ConfigDict, tok: ecgbyte.ECGByteTokenizer, rows_idx: Sequence[int], fetch
 ) -> dict[int, Any]:
-    """Segment row -> its ECG ids: a lead-major stream (``head``) or per-lead ids + lengths."""
-    tc = cfg.ecg_tokenizer
-    per_lead = cfg.truncation == "time"
+    """Segment row -> its ECG ids (:func:`ecg_ids_of`)."""
     out: dict[int, Any] = {}
     bar = tqdm(total=len(rows_idx), desc="ECG -> ids", unit="seg", disable=not len(rows_idx))
     for part, x in _segment_batches(list(rows_idx), fetch, leads=lead_indices(cfg)):
-        encoded = tok.encode_signal(
-            x, mode=tc.encode_mode, leads=per_lead, workers=cfg.data.workers
-        )
-        for i, ids in zip(part, encoded, strict=True):
-            out[i] = (ids, [tok.token_lengths(lead) for lead in ids]) if per_lead else ids
+        for i, payload in zip(part, ecg_ids_of(cfg, tok, x), strict=True):
+            out[i] = payload
         bar.update(len(part))
     bar.close()
     return out
@@ -532,24 +541,28 @@ def ecg_input_spec(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
+def ecg_inputs_of(spec: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    """The ``ecg`` arrays of ``spec`` (:func:`ecg_input_spec` plus ``fs``) for ``x [B, leads, L]``
+    (leads already selected): float16 signals, or rendered uint8 printouts."""
+    if spec["kind"] == "signal":
+        arrays = np.asarray(x).astype(np.float16)
+    else:
+        arrays = render.model_images(
+            x, fs=spec["fs"], size=spec["shape"][0], layout=spec["layout"], leads=spec["leads"]
+        )
+    if tuple(arrays.shape[1:]) != tuple(spec["shape"]):
+        raise PrepareError(f"ECG inputs {arrays.shape[1:]}, expected {spec['shape']}")
+    return arrays
+
+
 def ecg_input_arrays(
     spec: dict[str, Any], rows_idx: Sequence[int], fetch, batch: int = 64
 ) -> dict[int, np.ndarray]:
-    """Segment row -> the ``ecg`` array of ``spec`` (:func:`ecg_input_spec` plus ``fs`` and
-    ``lead_rows``), batched; images rendered."""
-    leads = spec.get("lead_rows")
+    """Segment row -> its ``ecg`` array (:func:`ecg_inputs_of`; ``spec["lead_rows"]``: the
+    rows of the canonical 12 kept), batched."""
     out: dict[int, np.ndarray] = {}
-    for part, x in _segment_batches(list(rows_idx), fetch, batch=batch, leads=leads):
-        if spec["kind"] == "signal":
-            arrays = x.astype(np.float16)
-        else:
-            arrays = render.model_images(
-                x, fs=spec["fs"], size=spec["shape"][0], layout=spec["layout"], leads=spec["leads"]
-            )
-        for i, a in zip(part, arrays, strict=True):
-            if tuple(a.shape) != tuple(spec["shape"]):
-                raise PrepareError(f"segment {i}: ECG input {a.shape}, expected {spec['shape']}")
-            out[i] = a
+    for part, x in _segment_batches(list(rows_idx), fetch, batch=batch, leads=spec["lead_rows"]):
+        out.update(zip(part, ecg_inputs_of(spec, x), strict=True))
     return out
 
 

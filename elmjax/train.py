@@ -848,17 +848,14 @@ def train(
         from elmjax import evaluate  # noqa: PLC0415 (only runs that evaluate need it)
 
         model_now, _ = nnx.merge(fns.graphdef, state)
-        results = evaluate.evaluate_split(
-            model_now,
-            workdir,
-            cfg.eval.split,
-            seq_len=cfg.budget,
-            limit=cfg.eval.limit or None,
-            batch_size=cfg.eval.batch_size,
+        results = evaluate.evaluate_run(
+            model_now, cfg, workdir, cfg.eval.split, **evaluate.eval_settings(cfg)
         )
         if is_main:
             evaluate.print_table(results)
-        metrics["eval"] = {k: results[k] for k in ("accuracy", "accuracy_without_ecg")}
+        metrics["eval"] = {
+            k: results[k] for k in ("accuracy", "accuracy_without_ecg") if k in results
+        }
     return metrics
 
 

@@ -104,3 +104,50 @@ def test_answer_labels_of_grouped_conversations():
         }
     }
     assert evaluate.answer_labels(conv) == ["rhythm", "other", "atrial fibrillation", "st_segment"]
+
+
+def test_generated_answers_are_the_greedy_continuations():
+    model = tiny_model()
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 40, n).astype(np.int32) for n in (3, 9, 5, 12, 7)]
+    # stop on an id greedy never emits first, so every row runs max_new_tokens
+    out = evaluate.generate_answers(
+        model, prompts, stop_ids=[39], pad_id=0, max_new_tokens=4, batch_size=2, progress=False
+    )
+    for p, ids in zip(prompts, out, strict=True):
+        want = greedy(model, p.tolist(), 4)
+        if 39 in want:
+            want = want[: want.index(39)]
+        assert ids.tolist() == want
+
+
+def test_perturbations_parse_to_validated_specs():
+    c = evaluate.parse_perturbation("noise:snr=10")
+    assert c.name == "noise:snr=10" and c.perturb == [{"kind": "noise", "snr_db": 10}]
+    assert evaluate.parse_perturbation("wander").perturb == [
+        {"kind": "baseline_wander", "amplitude_mv": 0.3}
+    ]
+    assert len(evaluate.parse_perturbation("combined_severe").perturb) == 3
+    two = evaluate.parse_perturbation("powerline:amplitude_mv=0.1:harmonics=1").perturb
+    assert two == [{"kind": "powerline", "amplitude_mv": 0.1, "harmonics": 1}]
+    with pytest.raises(ValueError, match="unknown kind 'hum'"):
+        evaluate.parse_perturbation("hum")
+    with pytest.raises(ValueError, match="'snr' is not key=value"):
+        evaluate.parse_perturbation("noise:snr")
+    with pytest.raises(ValueError, match="missing parameter 'amplitude_mv'"):
+        evaluate.parse_perturbation("powerline:harmonics=1")
+    with pytest.raises(ValueError, match="unknown parameter 'harmonics'; allowed: \\['snr_db'\\]"):
+        evaluate.parse_perturbation("noise:harmonics=1")
+    names = [c.name for c in evaluate.parse_conditions("zeros,text_only", "noise:snr=5")]
+    assert names == ["ecg", "zeros", "text_only", "noise:snr=5"]
+    with pytest.raises(ValueError, match=r"unknown --ablate \['blank'\]"):
+        evaluate.parse_conditions("zeros,blank")
+
+
+def test_shuffles_pair_every_example_with_another_patient():
+    patients = ["a", "a", "a", "b", "b", "c", "d", "d"]
+    perm = evaluate._derangement(patients, seed=0)
+    assert sorted(perm.tolist()) == list(range(8))
+    assert all(patients[j] != p for p, j in zip(patients, perm, strict=True))
+    assert perm.tolist() == evaluate._derangement(patients, seed=0).tolist()
+    assert perm.tolist() != evaluate._derangement(patients, seed=1).tolist()

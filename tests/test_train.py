@@ -38,6 +38,7 @@ def tiny_config(tmp_path, **train_changes):
     cfg.train.log_every = 1
     cfg.train.eval_every = 0
     cfg.train.checkpoint_every = 3
+    cfg.eval.bertscore = False  # its model load is tested in test_metrics
     for key, value in train_changes.items():
         cfg.train[key] = value
     return cfg
@@ -100,7 +101,7 @@ def test_load_trained_reproduces_the_end_of_training_evaluation(prepared_run):
     assert step == 6
     out = tmp / "reeval"
     copy_prepared(tmp, "reeval")
-    again = evaluate.evaluate_split(model, out, "test", seq_len=cfg.budget, batch_size=8)
+    again = evaluate.evaluate_run(model, cfg, out, "test", **evaluate.eval_settings(cfg))
     assert again["accuracy"] == metrics["eval"]["accuracy"]
     assert again["accuracy_without_ecg"] == metrics["eval"]["accuracy_without_ecg"]
     assert (out / "eval" / "test" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
