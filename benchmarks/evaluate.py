@@ -89,23 +89,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from llm import SMOLLM2_135M  # benchmarks/llm.py: the same SmolLM2-135M shape
 
 from elmjax import generate
 from elmjax.evaluate import generate_answers
 from elmjax.models import hf
 
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-)
 SMALL = dict(
     vocab_size=512,
     hidden_size=64,
