@@ -52,9 +52,12 @@ def test_reduced_demo_training_reads_the_ecg(tmp_path):
     train.train(cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())
     assert metrics["answers"] >= 60
-    assert set(metrics["by_finding"]) >= {"complete left bundle branch block", "conduction"}
+    by_finding = metrics["conditions"]["ecg"]["per_seed"]["0"]["accuracy_by_type"]
+    assert set(by_finding) >= {"complete left bundle branch block", "conduction"}
     # measured: 66.7 % with the ECG, 43.2 % without (81 answers; one standard error is ~5.5)
     assert metrics["accuracy"] >= metrics["accuracy_without_ecg"] + 12, metrics
+    # another patient's ECG costs what no ECG costs: the answers come from the ECG
+    assert metrics["ecg_utilisation"]["shuffled"]["drop"]["accuracy"] >= 12, metrics
     assert (tmp_path / "run" / "eval" / "test" / "accuracy.png").stat().st_size > 10_000
 
 

@@ -100,6 +100,11 @@ def test_evaluate_run_writes_every_answer_and_the_utilisation(run):
             assert c["per_seed"][seed]["accuracy"] == pytest.approx(acc)
         lo, hi = c["accuracy_bootstrap95"]
         assert lo <= c["per_seed"]["0"]["accuracy"] <= hi
+        assert set(c["bootstrap95"]) == {"accuracy", "bleu4", "rouge_l", "meteor"}
+        for key in ("rouge_l", "meteor"):  # means of per-answer scores: inside their interval
+            lo, hi = c["bootstrap95"][key]
+            assert lo - 1e-9 <= c["per_seed"]["0"][key] <= hi + 1e-9, (name, key)
+        assert c["bootstrap95"]["bleu4"][0] <= c["bootstrap95"]["bleu4"][1]
     # greedy: the real ECG gives the same answers under both seeds (std 0)
     assert result["conditions"]["ecg"]["summary"]["accuracy"]["std"] == 0.0
     for name in ("zeros", "text_only", "noise:snr=5"):
