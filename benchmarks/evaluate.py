@@ -89,22 +89,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from llm import SMOLLM2_135M  # benchmarks/llm.py: the same SmolLM2-135M shape
+from llm import SMALL, SMOLLM2_135M  # benchmarks/llm.py: the same model shapes
 
 from elmjax import generate
 from elmjax.evaluate import generate_answers
 from elmjax.models import hf
 
-SMALL = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-)
 DEMO_RUN = "runs/ecgbyte_1024_demo"
 TORCH_DEFAULT_THREADS = [1]  # torch.get_num_threads() at start (set in main)
 
