@@ -27,17 +27,27 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import transformers
 from flax import nnx
 
 from elmjax.models import ecg_encoders, elm, vision
-from elmjax.models.transformer import EncoderConfig
 
 SIGNAL = ("merl_resnet", "vit1d", "stmem", "mtae", "mlae")
-TOWERS = {  # tower -> (patch size, projection, pooler head, activation)
-    "vit": (16, None, True, "gelu"),
-    "clip": (32, None, False, "quick_gelu"),  # CLIPVisionModel: no visual projection
-    "siglip": (16, None, True, "gelu_pytorch_tanh"),
+# tower -> transformers (config, model) classes; the paper's towers are their defaults
+# (ViT-B/16, CLIP ViT-B/32, SigLIP B/16, all at 224)
+TOWERS = {
+    "vit": ("ViTConfig", "ViTModel"),
+    "clip": ("CLIPVisionConfig", "CLIPVisionModel"),
+    "siglip": ("SiglipVisionConfig", "SiglipVisionModel"),
 }
+SMALL_TOWER = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=256,
+    image_size=64,
+    patch_size=16,
+)
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -69,47 +79,20 @@ def signal_row(name: str, args) -> dict:
     return {"name": name, "params": params, "first": first, "rate": args.batch / best}
 
 
-def vision_config(kind: str, small: bool) -> vision.VisionConfig:
-    patch, proj, pooler, act = TOWERS[kind]
-    width, layers, heads = (64, 2, 4) if small else (768, 12, 12)
-    return vision.VisionConfig(
-        kind=kind,
-        encoder=EncoderConfig(
-            hidden_size=width,
-            num_layers=layers,
-            num_heads=heads,
-            intermediate_size=4 * width,
-            activation=act,
-            layer_norm_eps=1e-12 if kind == "vit" else 1e-5 if kind == "clip" else 1e-6,
-        ),
-        image_size=64 if small else 224,
-        patch_size=16 if small else patch,
-        pooler=pooler,
-        projection_dim=proj,
-    )
+def hf_config(kind: str, small: bool):
+    """transformers' config of the tower (its defaults, or tiny shapes)."""
+    return getattr(transformers, TOWERS[kind][0])(**(SMALL_TOWER if small else {}))
 
 
-def torch_model(kind: str, vcfg: vision.VisionConfig):
-    import transformers  # noqa: PLC0415 (optional baseline)
-
-    e = vcfg.encoder
-    common = dict(
-        hidden_size=e.hidden_size,
-        num_hidden_layers=e.num_layers,
-        num_attention_heads=e.num_heads,
-        intermediate_size=e.intermediate_size,
-        image_size=vcfg.image_size,
-        patch_size=vcfg.patch_size,
-    )
-    if kind == "vit":
-        return transformers.ViTModel(transformers.ViTConfig(**common))
-    if kind == "clip":
-        return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**common))
-    return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**common))
+def vision_config(kind: str, hf) -> vision.VisionConfig:
+    """Ours, read from transformers' config as ``load_vision`` reads a checkpoint's: ViTModel
+    has its pooler by default, CLIPVisionModel no visual projection, SigLIP its head."""
+    return vision.VisionConfig.from_hf(hf.to_dict(), **({"pooler": True} if kind == "vit" else {}))
 
 
 def vision_row(kind: str, args) -> dict:
-    vcfg = vision_config(kind, args.small)
+    hf = hf_config(kind, args.small)
+    vcfg = vision_config(kind, hf)
     enc = elm.ImageEncoder(vision.make_tower(vcfg, rngs=nnx.Rngs(0)))
     params = sum(x.size for x in jax.tree.leaves(nnx.state(enc, nnx.Param)))
     size = vcfg.image_size
@@ -126,7 +109,7 @@ def vision_row(kind: str, args) -> dict:
     if not args.no_torch:
         import torch  # noqa: PLC0415
 
-        model = torch_model(kind, vcfg).eval()
+        model = getattr(transformers, TOWERS[kind][1])(hf).eval()
         pixels = torch.from_numpy(rng.normal(size=(args.batch, 3, size, size)).astype("f4"))
         with torch.inference_mode():
             _, best_t = best_of(lambda: model(pixel_values=pixels), args.repeats)

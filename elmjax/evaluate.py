@@ -492,6 +492,8 @@ def evaluate_run(
     ``accuracy.png``. Returns the metrics.
     """
     conditions = list(conditions or parse_conditions(ABLATIONS))
+    if not seeds:
+        raise ValueError("no seeds to evaluate with: give at least one (--seeds=0)")
     run = inputs.RunInputs(cfg, workdir)
     examples = load_split(workdir, split, limit)
     if not examples:

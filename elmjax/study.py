@@ -388,9 +388,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def plot_lines(
-    results: Sequence[Result], x_of, x_label: str, title: str, path: Path, only=None
+    results: Sequence[Result], x_of, line_of, x_label: str, title: str, path: Path
 ) -> None:
-    """Accuracy (real ECG) against ``x_of(point)``, one line per row (``only``: filter)."""
+    """Accuracy (real ECG) against ``x_of(point)``, one line per ``line_of(point)``."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -399,10 +399,7 @@ def plot_lines(
     fig, ax = plt.subplots(figsize=(6, 4))
     lines: dict[str, list[tuple[float, float]]] = {}
     for r in results:
-        if only is None or only(r):
-            lines.setdefault(r.representation if only is None else _line_key(r), []).append(
-                (x_of(r.point), _accuracy(r, "ecg"))
-            )
+        lines.setdefault(line_of(r.point), []).append((x_of(r.point), _accuracy(r, "ecg")))
     for name, pts in sorted(lines.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
@@ -415,10 +412,6 @@ def plot_lines(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _line_key(r: Result) -> str:
-    return f"{r.point.row} (L={r.point.seg_len})"
 
 
 def plot_conditions(results: Sequence[Result], conditions: Sequence[str], title: str, path: Path):
@@ -571,16 +564,17 @@ def write_report(
 
     lines += ["", "## 5. Scaling", ""]
     plot_lines(
-        results,
+        [r for r in results if r.point.budget is not None],
         lambda p: p.budget,
+        lambda p: f"{p.row} (L={p.seg_len})",
         "token budget T",
         "Accuracy vs token budget (symbolic)",
         study_dir / "budget.png",
-        only=lambda r: r.point.budget is not None,
     )
     plot_lines(
         main,
         lambda p: p.seg_len / float(sweep.target_fs),
+        lambda p: p.row,
         "ECG segment length (s)",
         "Accuracy vs segment length",
         study_dir / "segment_length.png",
