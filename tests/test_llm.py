@@ -183,6 +183,76 @@ def test_prefill_and_decode_match_full_forward(checkpoints, family, layout):
     np.testing.assert_allclose(got[valid], full[valid], atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family,layout", [("gemma2", {}), ("llama", {"scan_layers": True})])
+def test_static_cache_index_chunks_match_full_forward(checkpoints, family, layout):
+    """A 300-token prompt (row 0 left-padded by 7) prefilled in two chunks with a static
+    ``cache_index`` (blocked causal attention over the filled slots only; Gemma 2's sliding
+    window and soft-caps included) == one full forward, and fills the same cache as the
+    traced-index path."""
+    model, _ = hf.load_hf(checkpoints[family][0], **layout)
+    n, split, slots = 300, 200, 320
+    tokens = tokens_for(8, (2, n))
+    seg = np.ones((2, n), np.int32)
+    seg[0, :7] = 0
+    positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+    full = np.asarray(forward(model, tokens, positions, seg))
+
+    @nnx.jit(static_argnames="cache_index")
+    def chunk(model, tokens, positions, segment_ids, cache, cache_index=None):
+        return model(
+            tokens,
+            positions=positions,
+            segment_ids=segment_ids,
+            cache=cache,
+            cache_index=cache_index,
+        )
+
+    caches = []
+    for static in (True, False):
+        cache = model.init_cache(2, slots)
+        got = []
+        for a, b in ((0, split), (split, n)):
+            logits, cache = chunk(
+                model,
+                tokens[:, a:b],
+                positions[:, a:b],
+                seg[:, a:b],
+                cache,
+                cache_index=a if static else None,
+            )
+            got.append(np.asarray(logits))
+        assert int(cache.index) == n
+        valid = seg.astype(bool)
+        np.testing.assert_allclose(np.concatenate(got, axis=1)[valid], full[valid], atol=3e-5)
+        caches.append(cache)
+    # The same keys and values in every used slot (padding slots hold unused vectors).
+    used = np.asarray(caches[1].segment_ids) != 0
+    np.testing.assert_array_equal(np.asarray(caches[0].segment_ids), caches[1].segment_ids)
+    for name in ("k", "v"):
+        a, b = (np.asarray(getattr(c, name))[:, used] for c in caches)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="cache_index needs a cache"):
+        model(tokens, cache_index=0)
+
+
+@pytest.mark.parametrize("offset,softcap", [(0, None), (37, 30.0)])
+def test_blocked_causal_attention_equals_the_full_product(offset, softcap):
+    from elmjax.models.llm import attend
+
+    rng = np.random.default_rng(0)
+    b, t, h, kh, d = 2, 70, 4, 2, 8
+    s = offset + t + 9  # empty slots after the queries
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, s, kh, d)), jnp.float32) for _ in range(2))
+    q_slot = offset + np.arange(t)
+    mask = np.arange(s)[None, None, :] <= q_slot[None, :, None]
+    mask = mask & (rng.random((b, 1, s)) > 0.2)  # padding slots
+    mask = jnp.asarray(np.broadcast_to(mask, (b, t, s)))
+    want = attend(q, k, v, mask, scale=0.3, softcap=softcap)
+    got = attend(q, k, v, mask, scale=0.3, softcap=softcap, causal_offset=offset, block=16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
 def test_scan_and_remat_give_identical_logits_and_grads(checkpoints):
     """Same Gemma 2 weights (sliding window, soft-caps, extra rows) in each layout."""
     path = checkpoints["gemma2"][0]

@@ -65,8 +65,12 @@ writes the T new tokens' K/V at slots ``[index, index + T)`` (``lax.dynamic_upda
 static shapes, jit-friendly), attends over all S slots and returns the cache with
 ``index + T``. Prefill is one call with the (left-padded, ``segment_ids`` 0 on padding) prompt;
 each decode step is a call with ``T = 1``, ``segment_ids`` 1 and the row's next position.
-Writing past ``max_len`` is not checked (``dynamic_update_slice`` clamps): size the cache for
-prompt + new tokens. ``KVCache.logical_axes()`` gives the names for sharding it.
+``cache_index=N`` (a static int, the cache's write index, e.g. 0 for a prefill into an empty
+cache) lets the call attend over slots ``[0, N + T)`` only, in causal query blocks of
+``ATTENTION_BLOCK`` that each read the slots up to their last query: a long prefill computes
+about half the scores and none for the empty slots after it. Writing past ``max_len`` is not
+checked (``dynamic_update_slice`` clamps): size the cache for prompt + new tokens.
+``KVCache.logical_axes()`` gives the names for sharding it.
 
 Numerics and scale
 ------------------
@@ -482,6 +486,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+ATTENTION_BLOCK = 128  # query block of the causal (static-offset) attention path
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -490,12 +497,29 @@ def attend(
     *,
     scale: float,
     softcap: float | None = None,
+    causal_offset: int | None = None,
+    block: int = ATTENTION_BLOCK,
 ) -> jax.Array:
     """Masked GQA attention: q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S] -> [B,T,H,Dh].
 
     Scores and softmax in float32; a row with nothing to attend to (padding) gets uniform
-    weights, so its (unused) output stays finite.
+    weights, so its (unused) output stays finite. ``causal_offset`` (a static int: query ``t``
+    sits at key slot ``causal_offset + t`` and the mask never lets it see a later slot) splits
+    the queries into blocks of ``block`` that each read only the slots up to their last query:
+    a long causal prefill computes about half the scores.
     """
+    t = q.shape[1]
+    if causal_offset is None or t <= block:
+        return _attend(q, k, v, mask, scale, softcap)
+    outs = []
+    for a in range(0, t, block):
+        b = min(a + block, t)
+        n = min(k.shape[1], causal_offset + b)
+        outs.append(_attend(q[:, a:b], k[:, :n], v[:, :n], mask[:, a:b, :n], scale, softcap))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _attend(q, k, v, mask, scale, softcap):
     b, t, h, d = q.shape
     kh = k.shape[2]
     q = q.reshape(b, t, kh, h // kh, d)
@@ -549,9 +573,21 @@ class Attention(nnx.Module):
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
             new_cache = (ck, cv)
-            k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False).astype(q.dtype)
-            v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False).astype(q.dtype)
-        out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+            # The mask covers the first mask.shape[-1] slots (all of them, unless the caller
+            # gave a static cache_index: then only the slots up to this call's last token).
+            n = mask.shape[-1]
+            k = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)[:, :n].astype(q.dtype)
+            v = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)[:, :n].astype(q.dtype)
+        causal = index if isinstance(index, int) else None
+        out = attend(
+            q,
+            k,
+            v,
+            mask,
+            scale=self.scale,
+            softcap=self.softcap,
+            causal_offset=causal,
+        )
         return self.o_proj(out.reshape(b, t, -1)), new_cache
 
 
@@ -694,10 +730,16 @@ class LLM(nnx.Module):
         cache: KVCache | None = None,
         logits_positions: jax.Array | None = None,
         return_hidden: bool = False,
+        cache_index: int | None = None,
     ):
         c = self.config
         b, t = tokens.shape
-        index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+        if cache_index is not None and cache is None:
+            raise ValueError("cache_index needs a cache")
+        if cache_index is not None:
+            index = int(cache_index)  # static: attention reads slots [0, index + t) only
+        else:
+            index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         if positions is None:
@@ -726,14 +768,16 @@ class LLM(nnx.Module):
             kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
             kv_pos = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
             kv_slot = jnp.arange(cache.max_len, dtype=jnp.int32)
+        n = kv_slot.shape[0] if cache_index is None else index + t  # key slots attended
+        seg, pos = kv_seg[:, :n], kv_pos[:, :n]
         mask = (
-            (segment_ids[:, :, None] == kv_seg[:, None, :])
-            & (kv_seg[:, None, :] != 0)
-            & (kv_slot[None, None, :] <= q_slot[None, :, None])
+            (segment_ids[:, :, None] == seg[:, None, :])
+            & (seg[:, None, :] != 0)
+            & (kv_slot[None, None, :n] <= q_slot[None, :, None])
         )
         local = None
         if any(c.sliding_layers):
-            local = mask & (positions[:, :, None] - kv_pos[:, None, :] < c.sliding_window)
+            local = mask & (positions[:, :, None] - pos[:, None, :] < c.sliding_window)
 
         x, kv = self._run_layers(x, cos, sin, mask, local, cache, index)
 
@@ -743,7 +787,13 @@ class LLM(nnx.Module):
         out = x if return_hidden else self.logits(x)
         if cache is None:
             return out
-        new_cache = KVCache(k=kv[0], v=kv[1], segment_ids=kv_seg, positions=kv_pos, index=index + t)
+        new_cache = KVCache(
+            k=kv[0],
+            v=kv[1],
+            segment_ids=kv_seg,
+            positions=kv_pos,
+            index=jnp.asarray(index + t, jnp.int32),
+        )
         return out, new_cache
 
     def _run_layers(self, x, cos, sin, mask, local, cache, index):
