@@ -28,11 +28,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,78 @@ def _embed_inputs(state, tokens, ecg, *, graphdef):
     return nnx.merge(graphdef, state).embed_inputs(tokens, ecg)
 
 
+class Batch(NamedTuple):
+    """One generation batch: prompt indices and their prefix-group labels (None: no sharing)."""
+
+    rows: list[int]
+    groups: list[int] | None
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+def prefix_groups(
+    prompts: Sequence[np.ndarray], keys: Sequence[Any] | None = None
+) -> list[list[int]]:
+    """Prompts that share most of their ids (and their ``key``: an ELM's ECG input), as
+    groups of indices: prompts in id order (then adjacent ones share the longest prefixes),
+    and a prompt joins the group before it while the group's common prefix stays at least half
+    of every member's length (the questions about one ECG, or a conversation's turns)."""
+    blobs = [np.asarray(p).astype(">u4").tobytes() for p in prompts]  # byte order = id order
+    order = sorted(range(len(prompts)), key=lambda i: (b"" if keys is None else keys[i], blobs[i]))
+    out: list[list[int]] = []
+    shared = longest = 0  # the last group's common prefix and longest member
+    for i in order:
+        p = np.asarray(prompts[i])
+        if out and (keys is None or keys[i] == keys[out[-1][-1]]):
+            common = min(shared, _common_prefix(np.asarray(prompts[out[-1][-1]]), p))
+            if 2 * common >= max(longest, len(p)):
+                out[-1].append(i)
+                shared, longest = common, max(longest, len(p))
+                continue
+        out.append([i])
+        shared = longest = len(p)
+    return out
+
+
+def plan_batches(
+    prompts: Sequence[np.ndarray],
+    batch_size: int,
+    *,
+    share_prefixes: bool = True,
+    keys: Sequence[Any] | None = None,
+) -> list[Batch]:
+    """The batches ``generate_answers`` runs, in order.
+
+    Without ``share_prefixes``: prompts shortest first, ``batch_size`` at a time. With it:
+    the ``prefix_groups`` of several prompts ordered by their shared prefix's length (then the
+    longest member), then the prompts that share with none, shortest first,
+    packed ``batch_size`` prompts at a time (a group may span two batches), each batch
+    labelled with its groups, so that ``generate.generate`` runs each shared prefix once."""
+    if not share_prefixes:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        return [Batch(list(c), None) for c in _batches(order, batch_size)]
+
+    def extent(group):  # the groups of one prompt last: batches of them run unshared
+        first = np.asarray(prompts[group[0]])
+        shared = min(_common_prefix(first, np.asarray(prompts[i])) for i in group)
+        return len(group) == 1, shared, max(len(prompts[i]) for i in group)
+
+    groups = sorted(prefix_groups(prompts, keys), key=extent)
+    flat = [(i, g) for g, group in enumerate(groups) for i in group]
+    return [Batch([i for i, _ in c], [g for _, g in c]) for c in _batches(flat, batch_size)]
+
+
+def _ecg_key(x: np.ndarray) -> bytes:
+    return (
+        hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest()
+        + repr((x.shape, x.dtype.str)).encode()
+    )
+
+
 def generate_answers(
     model: LLM | elm.ELM,
     prompts: Sequence[np.ndarray],
@@ -112,6 +185,8 @@ def generate_answers(
     sampling: generate.Sampling | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    share_prefixes: bool = True,
+    max_len: int | None = None,
     progress: bool = True,
     desc: str = "generate",
 ) -> list[np.ndarray]:
@@ -120,10 +195,15 @@ def generate_answers(
     ``model``: an ``LLM``, or an ``ELM`` with ``ecgs`` (one model input per prompt, stored
     float16 signals or uint8 printouts: each row's ECG vectors fill that row's placeholders);
     an ``ELM`` without ``ecgs`` runs its plain LLM (prompts without placeholders). Prompts run
-    shortest first in batches of ``batch_size`` through :func:`elmjax.generate.generate` (one
-    prefill, one compiled decode loop). Sampling draws depend on ``seed``, the batch size and
-    the prompts' order (batch ``k`` uses seed ``seed * 1_000_003 + k``); greedy (``sampling``
-    None, the default) does not.
+    in the batches of :func:`plan_batches` through :func:`elmjax.generate.generate` (one
+    prefill, one compiled decode loop per batch). With ``share_prefixes`` (the default),
+    prompts that share most of their ids, and their ECG input, are batched together and their
+    common prefix is computed once per batch (the questions asked about one ECG); the answers
+    are the same as without (up to float summation order). Sampling draws depend on ``seed``,
+    the batch size and the batches (batch ``k`` uses seed ``seed * 1_000_003 + k``); greedy
+    (``sampling`` None, the default) does not. ``max_len``: a fixed KV cache size for every
+    batch (one decode compile per batch bucket, but every decode step reads all of its slots);
+    by default each batch's cache is its prompt bucket plus ``max_new_tokens``, bucketed.
     """
     if ecgs is not None and len(ecgs) != len(prompts):
         raise ValueError(f"{len(ecgs)} ECG inputs for {len(prompts)} prompts")
@@ -134,17 +214,18 @@ def generate_answers(
     if ecgs is not None:
         graphdef, state = nnx.split(model)
 
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    keys = [_ecg_key(np.asarray(x)) for x in ecgs] if ecgs is not None and share_prefixes else None
+    plan = plan_batches(prompts, batch_size, share_prefixes=share_prefixes, keys=keys)
     out: list[np.ndarray] = [np.zeros(0, np.int32)] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
-    for k, chunk in enumerate(_batches(order, batch_size)):
+    for k, (chunk, groups) in enumerate(plan):
         rows = [np.asarray(prompts[i], np.int32) for i in chunk]
         lengths = np.asarray([len(r) for r in rows], np.int32)
         width = int(lengths.max())
         kwargs: dict[str, Any] = {}
         if ecgs is not None:
             # one embed compile per (batch_size, width bucket): pad rows and width
-            bucket = generate.bucket(width, generate.MIN_PROMPT_BUCKET)
+            bucket = generate.bucket_len(width)
             tokens = _right_pad(rows + [rows[0][:0]] * (batch_size - len(rows)), bucket, pad_id)
             x = np.stack([pipeline.ecg_model_input(ecgs[i]) for i in chunk])
             x = np.concatenate([x, np.zeros((batch_size - len(rows), *x.shape[1:]), x.dtype)])
@@ -159,6 +240,8 @@ def generate_answers(
             pad_id=pad_id,
             sampling=sampling or generate.Sampling(),
             seed=seed * 1_000_003 + k,
+            groups=groups,
+            max_len=max_len,
             **kwargs,
         )
         tokens_out, n_out, stopped = (np.asarray(a) for a in g)
@@ -738,11 +821,15 @@ def main(argv: Sequence[str]) -> None:
             if flag.present:
                 e[key] = flag.value
         settings = eval_settings(cfg)
+        train.maybe_initialize_distributed()  # every process generates all; process 0 writes
+        train.enable_compilation_cache()
         model, step = train.load_trained(cfg, workdir, step=_STEP.value)
         result = evaluate_run(model, cfg, workdir, _SPLIT.value, **settings)
     except (train.ConfigError, prepare.PrepareError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if jax.process_index() != 0:  # process 0 wrote the files and prints the table
+        return
     print(f"checkpoint: step {step} of {workdir}")
     print_table(result)
     out = Path(workdir) / "eval" / _SPLIT.value

@@ -60,8 +60,11 @@ and ``top_p`` values, ``stop_ids`` (padded to a power of two, at least ``MIN_STO
 traces of each (for tests). A model in train mode (LoRA dropout on) is a different graph, so
 call ``model.eval()`` first to share the eval-mode executables.
 
-Sharding: with ``mesh`` (or inside ``jax.set_mesh``) the batch is sharded over the data axes by
-the logical name ``batch`` (``elmjax.parallel``); the cache follows ``KVCache.logical_axes()``.
+Sharding: with ``mesh`` (or inside ``jax.set_mesh``, or else the mesh the model's parameters are
+sharded over) the batch is sharded over the data axes by the logical name ``batch``
+(``elmjax.parallel``); the cache follows ``KVCache.logical_axes()``. The generated ids come back
+replicated, so every process of a multi-process run reads all of them (each process passes the
+same prompts and gets every answer).
 """
 
 from __future__ import annotations
@@ -134,6 +137,17 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def bucket_len(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+    """A sequence-length bucket >= ``max(n, minimum)``: powers of two up to 32, then four steps
+    per octave (33..64 -> 40, 48, 56, 64; 257..512 -> 320, 384, 448, 512), so at most 25 %
+    padding (12 % on average) for 4 compiled shapes per doubling of the length."""
+    n = max(int(n), minimum, 1)
+    if n <= 32:
+        return bucket(n)
+    step = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // step) * step
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
@@ -191,31 +205,128 @@ def _eval_model(graphdef, state):
     return model
 
 
+def _right_aligned(rows, start, length, width):
+    """Source columns to right-align ``x[rows[r], start[r] : start[r] + length[r]]`` into
+    ``width`` columns -> ``(src [R, width], real [R, width])`` (src 0 where not real)."""
+    lead = (width - length)[:, None]
+    j = jnp.arange(width, dtype=jnp.int32)[None, :]
+    real = j >= lead
+    return jnp.where(real, start[:, None] + j - lead, 0), real
+
+
+def _prompt_pass(
+    model, cache, tokens, embeds, embed_mask, pad_id, rows, start, length, width, **kwargs
+):
+    """One cached model call over ``tokens[rows, start : start + length]`` (right-aligned into
+    ``width`` columns, ``segment_ids`` 0 on the left padding; a token's RoPE position is its
+    column in the right-padded prompt) -> ``(model output, cache)``."""
+    src, real = _right_aligned(rows, start, length, width)
+    picked = tokens[rows]
+    left = jnp.where(real, jnp.take_along_axis(picked, src, axis=1), pad_id)
+    if embeds is not None:
+        emb = jnp.take_along_axis(embeds[rows], src[..., None], axis=1)
+        mask = jnp.take_along_axis(embed_mask[rows], src, axis=1) & real
+        kwargs.update(embeds=constrain(emb, ("batch", "seq", "embed")), embed_mask=mask)
+    return model(
+        constrain(left, ("batch", "seq")),
+        positions=jnp.where(real, src, 0),
+        segment_ids=real.astype(jnp.int32),
+        cache=cache,
+        **kwargs,
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def _prefill(state, tokens, lengths, embeds, embed_mask, pad_id, *, graphdef, cache_len):
     """Left-aligns the right-padded prompt, fills the cache -> (last logits [B, V], cache)."""
     TRACE_COUNTS["prefill"] += 1
     model = _eval_model(graphdef, state)
     b, p = tokens.shape
-    tokens = constrain(tokens, ("batch", "seq"))
-    # Row i's prompt token j (right-padded layout) goes to column j + p - lengths[i].
-    src = jnp.arange(p, dtype=jnp.int32)[None, :] - (p - lengths)[:, None]
-    real = src >= 0
-    src = jnp.maximum(src, 0)
-    left = jnp.where(real, jnp.take_along_axis(tokens, src, axis=1), pad_id)
-    kwargs = {}
-    if embeds is not None:
-        emb = jnp.take_along_axis(embeds, src[..., None], axis=1)
-        mask = jnp.take_along_axis(embed_mask, src, axis=1) & real
-        kwargs = dict(embeds=constrain(emb, ("batch", "seq", "embed")), embed_mask=mask)
-    cache = model.init_cache(b, cache_len)
-    logits, cache = model(
-        left,
-        positions=jnp.where(real, src, 0),
-        segment_ids=real.astype(jnp.int32),
-        cache=cache,
+    rows, zeros = jnp.arange(b, dtype=jnp.int32), jnp.zeros((b,), jnp.int32)
+    logits, cache = _prompt_pass(
+        model,
+        model.init_cache(b, cache_len),
+        tokens,
+        embeds,
+        embed_mask,
+        pad_id,
+        rows,
+        zeros,
+        lengths,
+        p,
         logits_positions=jnp.full((b, 1), p - 1, jnp.int32),
-        **kwargs,
+        cache_index=0,
+    )
+    return logits[:, 0], cache
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "prefix_width", "suffix_width", "cache_len")
+)
+def _prefill_shared(
+    state,
+    tokens,
+    lengths,
+    embeds,
+    embed_mask,
+    pad_id,
+    first,
+    prefix_lengths,
+    group,
+    *,
+    graphdef,
+    prefix_width,
+    suffix_width,
+    cache_len,
+):
+    """The prefill with shared prefixes: each group's prefix (``prefix_lengths[g]`` tokens of
+    row ``first[g]``) runs once, its cache rows are copied to the group's rows (``group [B]``),
+    then every row's own suffix runs on top -> (last logits [B, V], cache).
+
+    Cache slots: ``[0, prefix_width)`` the left-aligned prefix, ``[prefix_width,
+    prefix_width + suffix_width)`` the left-aligned suffix (the padding in between has
+    ``segment_ids`` 0, so nothing attends to it; RoPE positions run on across the gap)."""
+    TRACE_COUNTS["prefill_shared"] += 1
+    model = _eval_model(graphdef, state)
+    b = tokens.shape[0]
+    g = first.shape[0]
+    zeros = jnp.zeros((g,), jnp.int32)
+    _, cache = _prompt_pass(
+        model,
+        model.init_cache(g, cache_len),
+        tokens,
+        embeds,
+        embed_mask,
+        pad_id,
+        first,
+        zeros,
+        prefix_lengths,
+        prefix_width,
+        logits_positions=jnp.zeros((g, 1), jnp.int32),
+        return_hidden=True,  # no LM head on the prefixes
+        cache_index=0,
+    )
+    names = type(cache).logical_axes()
+    cache = cache.replace(
+        k=constrain(cache.k[:, group], names.k),
+        v=constrain(cache.v[:, group], names.v),
+        segment_ids=constrain(cache.segment_ids[group], names.segment_ids),
+        positions=constrain(cache.positions[group], names.positions),
+    )
+    start = prefix_lengths[group]
+    logits, cache = _prompt_pass(
+        model,
+        cache,
+        tokens,
+        embeds,
+        embed_mask,
+        pad_id,
+        jnp.arange(b, dtype=jnp.int32),
+        start,
+        lengths - start,
+        suffix_width,
+        logits_positions=jnp.full((b, 1), suffix_width - 1, jnp.int32),
+        cache_index=prefix_width,
     )
     return logits[:, 0], cache
 
@@ -291,7 +402,9 @@ def _decode(
     init = (jnp.ones((), jnp.int32), out, cache, first, done, lengths, stopped, state)
     _, out, cache, _, _, lengths, stopped, _ = jax.lax.while_loop(cond, body, init)
     # The cache is returned (and dropped by the caller) so that the donated input buffers
-    # alias the output: the loop updates them in place instead of copying them first.
+    # alias the output: the loop updates them in place instead of copying them first. The ids
+    # come back replicated: every process of a multi-process run can read all of them.
+    out, lengths, stopped = (constrain(x, (None,) * x.ndim) for x in (out, lengths, stopped))
     return out, lengths, stopped, cache
 
 
@@ -321,6 +434,15 @@ def _batch_shards(mesh: Any) -> int:
     return math.prod(dict(mesh.shape)[a] for a in axes)
 
 
+def _model_mesh(model: nnx.Module) -> jax.sharding.Mesh | None:
+    """The mesh the model's parameters are sharded over (None: not a NamedSharding)."""
+    for leaf in jax.tree.leaves(nnx.state(model)):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return sharding.mesh
+    return None
+
+
 def _right_padded(prompts: Any, lengths: Any, pad_id: int) -> tuple[Any, np.ndarray]:
     if lengths is None:
         if isinstance(prompts, (np.ndarray, jax.Array)):
@@ -342,6 +464,73 @@ def _right_padded(prompts: Any, lengths: Any, pad_id: int) -> tuple[Any, np.ndar
     return prompts, lengths
 
 
+class SharePlan(NamedTuple):
+    """How ``generate`` runs a batch whose rows share prompt prefixes (see ``share_plan``).
+
+    Attributes:
+      first: ``[G]`` the row whose prompt holds each group's prefix (padded groups: row 0).
+      prefix_lengths: ``[G]`` tokens of each group's shared prefix (padded groups: 0).
+      group: ``[B]`` each row's group (padded rows: group 0).
+      prefix_width, suffix_width: the two passes' widths (``bucket_len`` buckets).
+    """
+
+    first: np.ndarray
+    prefix_lengths: np.ndarray
+    group: np.ndarray
+    prefix_width: int
+    suffix_width: int
+
+    @property
+    def slots(self) -> int:
+        """Cache slots the two prompt parts take."""
+        return self.prefix_width + self.suffix_width
+
+
+def share_plan(
+    tokens: Any,
+    lengths: np.ndarray,
+    groups: Sequence[Any],
+    *,
+    rows: int,
+    width: int,
+    shards: int = 1,
+    max_ratio: float = 0.8,
+) -> SharePlan | None:
+    """The shared-prefix prefill plan for ``groups`` (one label per prompt: rows with equal
+    labels may share a prefix), or None when it would not compute fewer positions.
+
+    A group's prefix is the longest common prefix of its rows' prompts, cut so that every row
+    keeps at least one token of its own (its last logits come from the suffix pass). The plan
+    is kept when ``G_bucket x prefix_width + rows x suffix_width`` is below ``max_ratio`` of the
+    plain prefill's ``rows x width`` positions (``rows``, ``width``: the plain prefill's row and
+    prompt buckets; ``shards``: the batch shards, groups are padded to a multiple of them).
+    """
+    labels = np.asarray(groups).reshape(-1)
+    if labels.shape[0] != lengths.shape[0]:
+        raise ValueError(f"{labels.shape[0]} group labels for {lengths.shape[0]} prompts")
+    _, first, group = np.unique(labels, return_index=True, return_inverse=True)
+    if first.size == lengths.size:  # every row alone: nothing to share
+        return None
+    tok = np.asarray(tokens)
+    same = tok == tok[first[group]]
+    common = np.where(same.all(axis=1), tok.shape[1], np.argmin(same, axis=1))
+    prefix = np.full(first.size, np.iinfo(np.int32).max, np.int64)
+    np.minimum.at(prefix, group, np.minimum(common, lengths - 1))
+    prefix_width = bucket_len(int(prefix.max()))
+    suffix_width = bucket_len(int((lengths - prefix[group]).max()))
+    g = -(-bucket(first.size) // shards) * shards
+    if g * prefix_width + rows * suffix_width >= max_ratio * rows * width:
+        return None
+    pad = g - first.size
+    return SharePlan(
+        first=np.concatenate([first, np.zeros(pad, np.int64)]).astype(np.int32),
+        prefix_lengths=np.concatenate([prefix, np.zeros(pad, np.int64)]).astype(np.int32),
+        group=np.concatenate([group, np.zeros(rows - group.size, np.int64)]).astype(np.int32),
+        prefix_width=prefix_width,
+        suffix_width=suffix_width,
+    )
+
+
 def generate(
     model: nnx.Module,
     prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
@@ -356,6 +545,7 @@ def generate(
     embed_mask: jax.Array | np.ndarray | None = None,
     max_len: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    groups: Sequence[Any] | None = None,
 ) -> Generated:
     """Generates up to ``max_new_tokens`` ids for each prompt (see the module docstring).
 
@@ -369,6 +559,9 @@ def generate(
       embeds, embed_mask: ``[B, P, D]`` / ``[B, P]`` vectors injected at prompt positions.
       max_len: cache slots (fixes the decode loop's shapes across prompt lengths).
       mesh: shard the batch over its data axes (default: the current ``jax.set_mesh`` mesh).
+      groups: one label per prompt; rows with the same label share their common prompt prefix
+        (computed once; see ``share_plan``). With ``embeds``, rows of a group must have equal
+        vectors over that prefix (e.g. the same ECG): only the ids are compared.
 
     Returns:
       ``Generated(tokens [B, max_new_tokens], lengths [B], stopped [B])`` (jax arrays).
@@ -389,19 +582,23 @@ def generate(
     stop = np.resize(stop, bucket(stop.size, MIN_STOP_BUCKET))  # repeats: same shapes for 1-4
 
     longest = int(lengths.max())
-    p = bucket(longest, MIN_PROMPT_BUCKET)
+    p = bucket_len(longest)
     if max_len is not None:
         if longest + max_new_tokens > max_len:
             raise ValueError(
                 f"max_len={max_len} < longest prompt {longest} + max_new_tokens {max_new_tokens}"
             )
         p = min(p, max_len - max_new_tokens)
-        cache_len = max_len
-    else:
-        cache_len = p + max_new_tokens
-    bb = bucket(b)
+    if mesh is None and jax.sharding.get_abstract_mesh().empty:
+        mesh = _model_mesh(model)  # a model sharded over a mesh generates on that mesh
     shards = _batch_shards(mesh)
-    bb = -(-bb // shards) * shards  # a whole number of rows per data shard
+    bb = -(-bucket(b) // shards) * shards  # a whole number of rows per data shard
+    plan = None
+    if groups is not None:
+        plan = share_plan(tokens, lengths, groups, rows=bb, width=p, shards=shards)
+        if plan is not None and max_len is not None and plan.slots + max_new_tokens > max_len:
+            plan = None  # the two-part layout does not fit the fixed cache
+    cache_len = max_len or bucket_len((plan.slots if plan else p) + max_new_tokens)
 
     tokens = _pad_axis(_pad_axis(tokens, 1, p, pad_id), 0, bb, pad_id)
     lengths_b = np.concatenate([lengths, np.ones(bb - b, np.int32)])  # dummies: 1 pad token
@@ -428,16 +625,33 @@ def generate(
         key=jax.random.key(seed),
     )
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-        logits, cache = _prefill(
-            state,
-            tokens,
-            lengths_b,
-            embeds,
-            embed_mask,
-            traced["pad_id"],
-            graphdef=graphdef,
-            cache_len=cache_len,
-        )
+        if plan is None:
+            logits, cache = _prefill(
+                state,
+                tokens,
+                lengths_b,
+                embeds,
+                embed_mask,
+                traced["pad_id"],
+                graphdef=graphdef,
+                cache_len=cache_len,
+            )
+        else:
+            logits, cache = _prefill_shared(
+                state,
+                tokens,
+                lengths_b,
+                embeds,
+                embed_mask,
+                traced["pad_id"],
+                plan.first,
+                plan.prefix_lengths,
+                plan.group,
+                graphdef=graphdef,
+                prefix_width=plan.prefix_width,
+                suffix_width=plan.suffix_width,
+                cache_len=cache_len,
+            )
         out, out_lengths, stopped, _ = _decode(
             state,
             cache,

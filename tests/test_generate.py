@@ -294,3 +294,108 @@ def test_bucket_and_argument_errors(llama):
         generate(model, [[1]], max_new_tokens=4, stop_ids=[], pad_id=PAD)
     with pytest.raises(ValueError, match="top_p"):
         Sampling(temperature=1.0, top_p=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared prefixes, length buckets, blocked causal attention
+# --------------------------------------------------------------------------------------------
+
+
+def shared_prompts(seed: int, heads=(40, 25, 60), members=3) -> tuple[list[list[int]], list[int]]:
+    """``members`` prompts per head (a shared prefix, then 1-8 ids of their own), one label per
+    head, plus a short prompt that is a strict prefix of head 0."""
+    rng = np.random.default_rng(seed)
+    prompts, labels = [], []
+    for g, n in enumerate(heads):
+        head = rng.integers(1, V, n).tolist()
+        for _ in range(members):
+            prompts.append(head + rng.integers(1, V, rng.integers(1, 9)).tolist())
+            labels.append(g)
+        if g == 0:
+            prompts.append(head[:10])
+            labels.append(0)
+    return prompts, labels
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_shared_prefix_prefill_matches_the_plain_one_and_transformers(checkpoint, family):
+    path, ref = checkpoint(family)
+    model, _ = hf.load_hf(path, **LAYOUTS[family])
+    prompts, labels = shared_prompts(20)
+    kw = dict(max_new_tokens=N, stop_ids=[V + 1], pad_id=PAD)
+    plain = generate(model, prompts, **kw)
+    before = gen.TRACE_COUNTS["prefill_shared"]
+    shared = generate(model, prompts, groups=labels, **kw)
+    assert gen.TRACE_COUNTS["prefill_shared"] == before + 1  # the shared path ran
+    np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(plain.tokens))
+    got = rows(shared)
+    for i in (0, 3, 6, 9):  # a member of each group and the short prompt
+        assert got[i] == hf_greedy(ref, prompts[i], [V + 1]), (family, i)
+    # Labels only allow sharing: rows that share no ids compute the same.
+    mixed = generate(model, prompts, groups=[0] * len(prompts), **kw)
+    np.testing.assert_array_equal(np.asarray(mixed.tokens), np.asarray(plain.tokens))
+
+
+def test_shared_prefix_with_embeds_and_sampling(llama):
+    model, _ = llama
+    prompts, labels = shared_prompts(21)
+    lengths = [len(p) for p in prompts]
+    tokens = np.zeros((len(prompts), max(lengths)), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    embeds = model.embed_tokens(jnp.asarray(tokens)) * 1.5  # not what the ids look up
+    mask = np.zeros(tokens.shape, bool)
+    mask[:, 2:6] = True  # inside every shared prefix
+    mask[np.arange(len(prompts)), np.asarray(lengths) - 1] = True  # each row's own last id
+    kw = dict(lengths=lengths, embeds=embeds, embed_mask=mask, max_new_tokens=N, pad_id=PAD)
+    kw |= dict(stop_ids=[V + 1], sampling=Sampling(temperature=1.0, top_k=20), seed=5)
+    plain = generate(model, tokens, **kw)
+    shared = generate(model, tokens, groups=labels, **kw)
+    np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(plain.tokens))
+    no_embeds = generate(model, tokens, groups=labels, **(kw | dict(embeds=None, embed_mask=None)))
+    assert (np.asarray(no_embeds.tokens) != np.asarray(plain.tokens)).any()
+
+
+def test_share_plan_prefixes_and_when_it_declines():
+    tokens = np.array(
+        [
+            [1, 2, 3, 4, 5, 6, 0, 0],
+            [1, 2, 3, 4, 9, 9, 9, 9],
+            [1, 2, 3, 0, 0, 0, 0, 0],  # a prefix of the others: keeps its last id
+            [7, 7, 7, 7, 7, 7, 7, 7],
+        ],
+        np.int32,
+    )
+    lengths = np.array([6, 8, 3, 8], np.int32)
+    plan = gen.share_plan(tokens, lengths, ["a", "a", "a", "b"], rows=4, width=64)
+    assert plan.prefix_lengths.tolist() == [2, 7]  # group a: 1 2 | 3 ...; group b alone: all but 1
+    assert plan.first.tolist() == [0, 3] and plan.group.tolist() == [0, 0, 0, 1]
+    assert (plan.prefix_width, plan.suffix_width) == (8, 8)
+    # Padded to the row bucket and to a multiple of the batch shards.
+    plan = gen.share_plan(tokens, lengths, [0, 0, 0, 1], rows=8, width=64, shards=4)
+    assert plan.first.tolist() == [0, 3, 0, 0] and plan.prefix_lengths.tolist() == [2, 7, 0, 0]
+    assert plan.group.tolist() == [0, 0, 0, 1, 0, 0, 0, 0]
+    # Every row alone, or no saving over the plain prefill: None.
+    assert gen.share_plan(tokens, lengths, [0, 1, 2, 3], rows=4, width=8) is None
+    assert gen.share_plan(tokens, lengths, [0, 0, 0, 1], rows=4, width=8) is None
+    with pytest.raises(ValueError, match="3 group labels for 4 prompts"):
+        gen.share_plan(tokens, lengths, [0, 0, 1], rows=4, width=8)
+
+
+def test_bucket_len_steps():
+    assert [gen.bucket_len(n) for n in (1, 8, 9, 17, 32)] == [8, 8, 16, 32, 32]
+    assert [gen.bucket_len(n) for n in (33, 41, 64, 65, 129, 200, 257, 300, 512)] == [
+        40,
+        48,
+        64,
+        80,
+        160,
+        224,
+        320,
+        320,
+        512,
+    ]
+    assert gen.bucket_len(1025) == 1280 and gen.bucket_len(3, minimum=1) == 4
+    n = np.arange(33, 5000)
+    waste = np.array([gen.bucket_len(int(k)) for k in n]) / n - 1
+    assert waste.max() <= 0.25 and waste.min() == 0.0
