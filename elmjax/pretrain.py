@@ -781,10 +781,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError("--config=configs/pretrain_X.py[:demo] is required")
     workdir = _WORKDIR.value or cfg.workdir
     try:
-        from elmjax.train import maybe_initialize_distributed  # noqa: PLC0415
+        from elmjax.train import enable_compilation_cache, maybe_initialize_distributed  # noqa: PLC0415
 
         check_config(cfg)
         maybe_initialize_distributed()
+        enable_compilation_cache()
         metrics = pretrain(cfg, workdir)
     except (ConfigError, prepare.PrepareError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -642,6 +642,30 @@ class _Preempted:
         signal.signal(signal.SIGTERM, self._old)
 
 
+COMPILATION_CACHE = Path.home() / ".cache" / "elmjax" / "jax_compilation_cache"
+
+
+def enable_compilation_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache for a command-line run, so that a later
+    process with the same shapes (a re-evaluation, the next run of a sweep, ``make demo``
+    again) loads the XLA executables instead of compiling them (on 2 CPU cores a generation
+    prefill compiles in ~1 s and loads in ~0.3 s).
+
+    Directory: ``$ELMJAX_COMPILATION_CACHE`` (``off`` disables it), else JAX's own
+    ``JAX_COMPILATION_CACHE_DIR`` when set, else ``~/.cache/elmjax/jax_compilation_cache``.
+    Executables that compiled in under 0.2 s are not stored. Returns the directory (None: off).
+    """
+    path = os.environ.get("ELMJAX_COMPILATION_CACHE")
+    if path is not None and path.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    if path is None and jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    path = path or str(COMPILATION_CACHE)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return path
+
+
 def maybe_initialize_distributed() -> None:
     """``jax.distributed.initialize()`` for multi-process runs, before any computation:
 
@@ -903,6 +927,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         check_config(cfg)
         maybe_initialize_distributed()
+        enable_compilation_cache()
         metrics = train(cfg, workdir)
     except (ConfigError, prepare.PrepareError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,8 +3,11 @@
 # paths without a cluster): jax.distributed over 127.0.0.1, gloo collectives.
 #
 #   launch/local_multiprocess.sh N CONFIG [--workdir=DIR] [--config.a.b=value ...]
+#   MODULE=elmjax.evaluate launch/local_multiprocess.sh N CONFIG --workdir=RUN [--limit=...]
 #
 # Environment:
+#   MODULE               the program each process runs (default elmjax.train; also
+#                        elmjax.pretrain, elmjax.evaluate: every one takes --config)
 #   DEVICES_PER_PROCESS  fake CPU devices per process (default 1)
 #   PORT                 coordinator port (default: a free one)
 #   PYTHON               interpreter (default: .venv/bin/python when present, else python3)
@@ -44,7 +47,7 @@ command_of() { # sets cmd to the command of process $1 (then the train.py argume
   local id=$1
   shift
   cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=$XLA" "ELMJAX_COORDINATOR=127.0.0.1:$PORT"
-    "ELMJAX_NUM_PROCESSES=$N" "ELMJAX_PROCESS_ID=$id" "$PYTHON" -m elmjax.train
+    "ELMJAX_NUM_PROCESSES=$N" "ELMJAX_PROCESS_ID=$id" "$PYTHON" -m "${MODULE:-elmjax.train}"
     "--config=$CONFIG" "$@")
 }
 

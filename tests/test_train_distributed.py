@@ -291,6 +291,57 @@ def test_two_processes_match_one(prepared):
     assert checkpoint_steps(run) == [2, 3]
 
 
+def test_two_process_evaluation_matches_one(prepared, tmp_path):
+    """``python -m elmjax.evaluate`` on 2 processes x 2 devices (the model sharded over the
+    4-device mesh, every process generating every answer, process 0 writing) writes the same
+    predictions and metrics as one process on one device."""
+    run = new_run(prepared, "evaluated")
+    train = subprocess.run(
+        train_cli(prepared, run, "train.steps=2"),
+        env=env(prepared),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    args = ["--limit=6", "--max_new_tokens=4", "--ablate=zeros", "--seeds=0,1"]
+    args += ["--temperature=1.0", "--bertscore=false"]  # sampling: per-row seeded draws
+    one = subprocess.run(
+        [sys.executable, "-m", "elmjax.evaluate", f"--workdir={run}", *args],
+        env=env(prepared),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    shutil.move(run / "eval", tmp_path / "one")
+
+    cmd = ["launch/local_multiprocess.sh", "2", str(prepared / "tiny.py"), f"--workdir={run}"]
+    extra = dict(DEVICES_PER_PROCESS="2", LOG_DIR=str(tmp_path / "logs"), PYTHON=sys.executable)
+    environ = env(prepared, MODULE="elmjax.evaluate", **extra)
+    del environ["XLA_FLAGS"]  # the script sets the device count
+    two = subprocess.run(
+        cmd + args, env=environ, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    other = (tmp_path / "logs" / "process-1.log").read_text()
+    assert two.returncode == 0, two.stderr[-3000:] + other[-3000:]
+    assert "wrote" in two.stdout and "wrote" not in other  # process 0 wrote and printed
+
+    def lines(root: Path) -> list[dict]:
+        text = (root / "test" / "predictions.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in text]
+
+    want, got = lines(tmp_path / "one"), lines(run / "eval")
+    assert len(want) == 6 * 2 * 2 and got == want  # answers x conditions x seeds
+    metrics = [
+        json.loads((d / "test" / "metrics.json").read_text())
+        for d in (tmp_path / "one", run / "eval")
+    ]
+    assert metrics[1]["conditions"] == metrics[0]["conditions"]
+
+
 # ----------------------------------------------------------------------------------------------
 # 3-4. kill -9 and SIGTERM
 # ----------------------------------------------------------------------------------------------
