@@ -91,8 +91,7 @@ import jax
 import numpy as np
 from llm import SMALL, SMOLLM2_135M  # benchmarks/llm.py: the same model shapes
 
-from elmjax import generate
-from elmjax.evaluate import generate_answers
+from elmjax import evaluate, generate
 from elmjax.models import hf
 
 DEMO_RUN = "runs/ecgbyte_1024_demo"
@@ -119,21 +118,21 @@ class Workload:
 
 
 def batches(prompts: Sequence[np.ndarray], batch_size: int) -> list[list[int]]:
-    """The prompt indices of each batch, as ``generate_answers`` forms them (shortest first)."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    """The prompt indices of each batch, as ``generate_answers`` forms them."""
+    return [b.rows for b in evaluate.plan_batches(prompts, batch_size)]
 
 
-def elmjax_answers(w: Workload) -> list[np.ndarray]:
+def elmjax_answers(w: Workload, share_prefixes: bool = True) -> list[np.ndarray]:
     # A stop id outside the vocabulary is never generated (argmax picks a real id).
     stop = w.stop_ids if w.stop_ids is not None else (w.jax_model.config.total_vocab,)
-    return generate_answers(
+    return evaluate.generate_answers(
         w.jax_model,
         w.prompts,
         stop_ids=stop,
         pad_id=w.pad_id,
         max_new_tokens=w.max_new_tokens,
         batch_size=w.batch_size,
+        share_prefixes=share_prefixes,
         progress=False,
     )
 
@@ -184,15 +183,27 @@ def decode_steps(w: Workload, answers: Sequence[np.ndarray]) -> int:
     return sum(max(lengths[i] for i in chunk) for chunk in batches(w.prompts, w.batch_size))
 
 
-def prefill_positions(w: Workload) -> tuple[int, int]:
-    """Prompt positions each side's prefills compute, padding included: elmjax rounds rows
-    and width up to powers of two (``generate.bucket``), transformers pads to the longest."""
-    mine = theirs = 0
-    for chunk in batches(w.prompts, w.batch_size):
-        width = max(len(w.prompts[i]) for i in chunk)
-        mine += generate.bucket(len(chunk)) * generate.bucket(width, generate.MIN_PROMPT_BUCKET)
-        theirs += len(chunk) * width
-    return mine, theirs
+def prefill_positions(w: Workload) -> tuple[int, int, int]:
+    """Prompt positions the prefills compute, padding included: elmjax (shared prefixes,
+    ``generate.share_plan``), elmjax unshared (row and width buckets), transformers (padding
+    to the longest prompt of the batch)."""
+    mine = unshared = theirs = 0
+    for batch in evaluate.plan_batches(w.prompts, w.batch_size):
+        rows = [w.prompts[i] for i in batch.rows]
+        lengths = np.array([len(p) for p in rows], np.int32)
+        bb, p = generate.bucket(len(rows)), generate.bucket_len(lengths.max())
+        tokens = np.zeros((len(rows), lengths.max()), np.int32)
+        for j, row in enumerate(rows):
+            tokens[j, : len(row)] = row
+        plan = generate.share_plan(tokens, lengths, batch.groups, rows=bb, width=p)
+        unshared += bb * p
+        mine += (
+            bb * p
+            if plan is None
+            else len(plan.first) * plan.prefix_width + bb * (plan.suffix_width)
+        )
+        theirs += len(rows) * int(lengths.max())
+    return mine, unshared, theirs
 
 
 def agreement(mine: Sequence[np.ndarray], theirs: Sequence[np.ndarray]) -> dict:
@@ -240,6 +251,18 @@ def best_torch(w: Workload, counts: Sequence[int]) -> tuple[list[np.ndarray], fl
     return best
 
 
+SIDES = ("elmjax", "unshared", "torch")  # unshared: elmjax with share_prefixes=False
+
+
+def run_side(side: str, w: Workload, counts: Sequence[int]) -> tuple[list, float, float, int]:
+    """One side on ``w`` -> answers, wall, CPU, and transformers' fastest thread count (0)."""
+    if side == "torch":
+        return best_torch(w, counts)
+    share = side == "elmjax"
+    out, wall, cpu = timed(lambda: elmjax_answers(w, share_prefixes=share))
+    return out, wall, cpu, 0
+
+
 def run_workload(w: Workload, threads: int = 0, breakdown: bool = False) -> dict[str, Any]:
     print(f"\n## workload {w.name}: {w.describe}")
     lengths = np.array([len(p) for p in w.prompts])
@@ -249,70 +272,62 @@ def run_workload(w: Workload, threads: int = 0, breakdown: bool = False) -> dict
         f"stop ids {list(w.stop_ids) if w.stop_ids is not None else 'none (never stops)'}, "
         f"pad id {w.pad_id}"
     )
-    groups = batches(w.prompts, w.batch_size)
-    counts = thread_counts(threads)
-    r: dict[str, Any] = {"workload": w, "wall": {"elmjax": [], "torch": []}}
-    r["cpu"] = {"elmjax": [], "torch": []}
-
-    # elmjax warm-up: the first batch of each compiled shape (rows, prompt width buckets).
-    shapes: dict[tuple[int, int], int] = {}
-    for k, chunk in enumerate(groups):
-        width = max(len(w.prompts[i]) for i in chunk)
-        key = (generate.bucket(len(chunk)), generate.bucket(width, generate.MIN_PROMPT_BUCKET))
-        shapes.setdefault(key, k)
-    traces0 = sum(generate.TRACE_COUNTS.values())
-    first = {}
-    for k in shapes.values():
-        _, first[k], _ = timed(lambda k=k: elmjax_answers(sub_workload(w, groups[k])))
-    r["traces_first"] = sum(generate.TRACE_COUNTS.values()) - traces0
+    plan = evaluate.plan_batches(w.prompts, w.batch_size)
+    groups = evaluate.prefix_groups(w.prompts)
     print(
-        f"# elmjax first calls, one batch per shape {sorted(shapes)}: "
-        f"{sum(first.values()):.2f} s, {r['traces_first']} traces"
+        f"# {len(groups)} prefix groups (sizes {dict(collections.Counter(map(len, groups)))}), "
+        f"{len(plan)} batches"
     )
+    counts = thread_counts(threads)
+    r: dict[str, Any] = {"workload": w, "wall": {s: [] for s in SIDES}}
+    r["cpu"] = {s: [] for s in SIDES}
+
+    # Cold: one generate_answers call over all prompts in this fresh process, compiles
+    # included (what a first evaluation pays). Then the unshared variant's warm-up.
+    traces0 = collections.Counter(generate.TRACE_COUNTS)
+    _, r["cold"], _ = timed(lambda: elmjax_answers(w))
+    r["traces_first"] = dict(collections.Counter(generate.TRACE_COUNTS) - traces0)
+    for b in plan:
+        run_side("unshared", sub_workload(w, b.rows), counts)
+    print(f"# elmjax cold call (compiles included): {r['cold']:.2f} s, traces {r['traces_first']}")
     t0 = time.perf_counter()
     for n in counts:  # transformers warm-up: the first batch at each thread count
-        best_torch(sub_workload(w, groups[0]), [n])
+        best_torch(sub_workload(w, plan[0].rows), [n])
     r["torch_warm"] = time.perf_counter() - t0
     print(f"# transformers warm-up (first batch at {counts} threads): {r['torch_warm']:.2f} s")
 
-    # Timed: batch by batch, elmjax and transformers back to back, in alternating order, so
-    # that the other jobs on the machine weigh on both alike.
+    # Timed: batch by batch, the sides back to back, in rotating order, so that the other jobs
+    # on the machine weigh on all alike.
     traces0 = sum(generate.TRACE_COUNTS.values())
-    mine: list[np.ndarray] = [np.zeros(0, np.int64)] * len(w.prompts)
-    theirs = list(mine)
+    answers = {s: [np.zeros(0, np.int64)] * len(w.prompts) for s in SIDES}
     wins = collections.Counter()
     for run in range(w.runs):
-        tot = {"elmjax": [0.0, 0.0], "torch": [0.0, 0.0]}
-        per_batch = {}
-        for k, chunk in enumerate(groups):
-            sub = sub_workload(w, chunk)
-            for side in ("elmjax", "torch") if (k + run) % 2 == 0 else ("torch", "elmjax"):
-                if side == "elmjax":
-                    out, wall, cpu = timed(lambda sub=sub: elmjax_answers(sub))
-                    dest = mine
-                    per_batch[k] = wall
-                else:
-                    out, wall, cpu, n = best_torch(sub, counts)
-                    dest = theirs
+        tot = {s: [0.0, 0.0] for s in SIDES}
+        for k, batch in enumerate(plan):
+            sub = sub_workload(w, batch.rows)
+            shift = (k + run) % len(SIDES)
+            for side in SIDES[shift:] + SIDES[:shift]:
+                out, wall, cpu, n = run_side(side, sub, counts)
+                if side == "torch":
                     wins[n] += 1
-                for j, i in enumerate(chunk):
-                    dest[i] = out[j]
+                for j, i in enumerate(batch.rows):
+                    answers[side][i] = out[j]
                 tot[side][0] += wall
                 tot[side][1] += cpu
-        for side in tot:
+        for side in SIDES:
             r["wall"][side].append(tot[side][0])
             r["cpu"][side].append(tot[side][1])
         print(
-            f"# run {run}: elmjax wall {tot['elmjax'][0]:.2f} s cpu {tot['elmjax'][1]:.2f} s; "
-            f"transformers wall {tot['torch'][0]:.2f} s cpu {tot['torch'][1]:.2f} s",
+            f"# run {run}: "
+            + "; ".join(f"{s} wall {tot[s][0]:.2f} s cpu {tot[s][1]:.2f} s" for s in SIDES),
             flush=True,
         )
     r["traces_timed"] = sum(generate.TRACE_COUNTS.values()) - traces0
     r["torch_wins"] = dict(sorted(wins.items()))
-    for name in ("elmjax", "torch"):
+    for name in SIDES:
         r[name] = statistics.median(r["wall"][name])
         r[name + "_cpu"] = statistics.median(r["cpu"][name])
-    r["compile"] = sum(first.values()) - sum(per_batch[k] for k in first)
+    mine, theirs = answers["elmjax"], answers["torch"]
     r["new_tokens"] = {
         "elmjax": new_tokens(mine, w.max_new_tokens),
         "torch": new_tokens(theirs, w.max_new_tokens),
@@ -320,15 +335,15 @@ def run_workload(w: Workload, threads: int = 0, breakdown: bool = False) -> dict
     r["steps"] = {"elmjax": decode_steps(w, mine), "torch": decode_steps(w, theirs)}
     r["prefill"] = prefill_positions(w)
     r["agree"] = agreement(mine, theirs)
+    r["agree_unshared"] = agreement(mine, answers["unshared"])
     r["stopped"] = float(np.mean([len(a) < w.max_new_tokens for a in mine]))
     r["answer_len"] = float(np.mean([len(a) for a in mine]))
     r["echo"] = float(np.mean([len(a) > 1 and bool(np.all(a == a[0])) for a in mine]))
     fourth = collections.Counter(int(a[3]) for a in mine if len(a) > 3)
     r["pilot"] = fourth.most_common(1)[0] if fourth else None
     print(
-        f"# timed calls traced {r['traces_timed']} times (0 = no recompile); elmjax compile "
-        f"~{r['compile']:.2f} s (first calls - the same batches timed); transformers' fastest "
-        f"thread count per batch: {r['torch_wins']}"
+        f"# timed calls traced {r['traces_timed']} times (0 = no recompile); transformers' "
+        f"fastest thread count per batch: {r['torch_wins']}"
     )
     print(
         f"# answers: mean {r['answer_len']:.2f} ids (stop id excluded), {r['stopped']:.1%} "
@@ -342,13 +357,15 @@ def run_workload(w: Workload, threads: int = 0, breakdown: bool = False) -> dict
             f"# the most frequent 4th answer id ({r['pilot'][0]}) is the 4th id of "
             f"{r['pilot'][1]} of {len(mine)} answers ({len(fourth)} distinct 4th ids)"
         )
+    mine_p, unshared_p, theirs_p = r["prefill"]
     print(
-        f"# prefill positions computed (padding included): elmjax {r['prefill'][0]:,} / "
-        f"transformers {r['prefill'][1]:,} ({r['prefill'][0] / r['prefill'][1]:.2f}x)"
+        f"# prefill positions computed (padding included): elmjax {mine_p:,} / unshared "
+        f"{unshared_p:,} / transformers {theirs_p:,} ({mine_p / theirs_p:.2f}x)"
     )
     print(
-        f"# greedy agreement: {r['agree']['answers']:.1%} of answers identical, "
-        f"{r['agree']['tokens']:.1%} of answer positions"
+        f"# greedy agreement with transformers: {r['agree']['answers']:.1%} of answers "
+        f"identical, {r['agree']['tokens']:.1%} of answer positions; shared vs unshared: "
+        f"{r['agree_unshared']['answers']:.1%} of answers identical"
     )
     if breakdown:
         r["breakdown"] = time_breakdown(w, counts)
@@ -490,45 +507,52 @@ def table(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         w: Workload = r["workload"]
         n = len(w.prompts)
-        rows.append(
-            fmt_row(
-                f"{w.name}: {n} answers, batch {w.batch_size}, <= {w.max_new_tokens} new",
-                n / r["elmjax"],
-                n / r["torch"],
-                "answers/s",
-            )
-        )
-        rows.append(
+        head = f"{w.name}: {n} answers, batch {w.batch_size}, <= {w.max_new_tokens} new"
+        rows += [
+            fmt_row(head, n / r["elmjax"], n / r["torch"], "answers/s"),
             fmt_row(
                 "  same, per process-CPU second",
                 n / r["elmjax_cpu"],
                 n / r["torch_cpu"],
                 "answers/CPU-s",
-            )
-        )
-        rows.append(
+            ),
+            fmt_row(
+                "  elmjax without prefix sharing",
+                n / r["unshared"],
+                n / r["torch"],
+                "answers/s",
+            ),
+            fmt_row(
+                "  elmjax cold (first pass, compiles included)",
+                n / r["cold"],
+                n / r["torch"],
+                "answers/s",
+            ),
             fmt_row(
                 "  new ids generated per second",
                 r["new_tokens"]["elmjax"] / r["elmjax"],
                 r["new_tokens"]["torch"] / r["torch"],
                 "ids/s",
-            )
-        )
-        rows.append(fmt_row("  wall time (median)", r["elmjax"], r["torch"], "s", higher=False))
-        rows.append(
-            f"| elmjax compile (first call per shape - timed) / transformers warm-up | "
-            f"{_num(r['compile'])} | {_num(r['torch_warm'])} | s | |"
-        )
+            ),
+            fmt_row("  wall time (median)", r["elmjax"], r["torch"], "s", higher=False),
+            fmt_row(
+                "  prompt positions computed (padding included)",
+                r["prefill"][0],
+                r["prefill"][2],
+                "positions",
+                higher=False,
+            ),
+        ]
         if "breakdown" in r:
-            b, n = r["breakdown"], w.max_new_tokens
+            b, k = r["breakdown"], w.max_new_tokens
             rows.append(
                 fmt_row("  last batch, prefill + 1st id", b["elmjax_1"], b["torch_1"], "s", False)
             )
             rows.append(
                 fmt_row(
-                    f"  last batch, the other {n - 1} ids",
-                    b[f"elmjax_{n}"] - b["elmjax_1"],
-                    b[f"torch_{n}"] - b["torch_1"],
+                    f"  last batch, the other {k - 1} ids",
+                    b[f"elmjax_{k}"] - b["elmjax_1"],
+                    b[f"torch_{k}"] - b["torch_1"],
                     "s",
                     False,
                 )
@@ -553,7 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="random prompts' seed")
     ap.add_argument("--demo-run", default=DEMO_RUN, help="trained run directory (demo workload)")
     ap.add_argument(
-        "--demo-limit", type=int, default=None, help="demo answers (default 256; 0: all 1258)"
+        "--demo-limit",
+        type=int,
+        default=None,
+        help="demo answers, evenly spaced (default 0: the whole test split, 1258)",
     )
     ap.add_argument("--demo-runs", type=int, default=1, help="timed runs of the demo workload")
     ap.add_argument(
@@ -576,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         args.demo_limit = 64 if args.demo_limit is None else args.demo_limit
     args.layers = args.layers or 4
     args.prompts = args.prompts or 128
-    args.demo_limit = 256 if args.demo_limit is None else args.demo_limit
+    args.demo_limit = 0 if args.demo_limit is None else args.demo_limit
     args.prompt_len = args.prompt_len or (200, 500)
     args.max_new_tokens = args.max_new_tokens or 16
     only = set(args.only.split(","))
@@ -614,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
             f"# {w.name}: answers identical {r['agree']['answers']:.1%}, answer positions "
             f"{r['agree']['tokens']:.1%}; {r['stopped']:.1%} stopped early; new ids "
             f"{r['new_tokens']['elmjax']:,} / {r['new_tokens']['torch']:,}; prefill positions "
-            f"{r['prefill'][0]:,} / {r['prefill'][1]:,}; elmjax compile ~{r['compile']:.1f} s"
+            f"{r['prefill'][0]:,} (unshared {r['prefill'][1]:,}) / {r['prefill'][2]:,}; "
+            f"elmjax cold pass {r['cold']:.1f} s"
         )
     print(f"# load at end: {os.getloadavg()}")
     return 0

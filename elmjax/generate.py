@@ -3,7 +3,7 @@
 API
 ---
 ``generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, sampling=Sampling(), seed=0,
-lengths=None, embeds=None, embed_mask=None, max_len=None, mesh=None) -> Generated``
+lengths=None, embeds=None, embed_mask=None, max_len=None, mesh=None, groups=None) -> Generated``
 
 - ``prompts``: a list of int id sequences (different lengths allowed), or a right-padded array
   ``[B, P]`` with ``lengths [B]`` (row ``i``'s prompt is ``prompts[i, :lengths[i]]``, the layout
@@ -12,6 +12,9 @@ lengths=None, embeds=None, embed_mask=None, max_len=None, mesh=None) -> Generate
   right-padded layout as the prompts: ``embeds[i, j]`` replaces the embedding of prompt token
   ``j`` of row ``i`` where ``embed_mask[i, j]``. They are written in the prefill only; generated
   tokens always use the token embedding.
+- ``groups``: one label per prompt; rows with the same label may share their common prompt
+  prefix, which is then computed once (see "Shared prefixes" below). With ``embeds``, rows of
+  a group must have the same vectors over that prefix (e.g. the same ECG): only ids are compared.
 - ``stop_ids``: one id or a set of ids (e.g. Llama 3's ``<|eot_id|>`` and ``<|end_of_text|>``);
   a row stops at the first generated id in the set. ``pad_id`` fills the rest of the row.
 - Returns ``Generated(tokens [B, max_new_tokens] int32, lengths [B] int32, stopped [B] bool)``:
@@ -32,7 +35,8 @@ How it runs
 Prompts are left-padded into one ``[B, P]`` array (``segment_ids`` 0 on padding, RoPE positions
 counting from 0 at each row's first real token), so every row's next token is written at the
 same cache slot. The prefill is one jitted call over the whole prompt (LM head at the last
-position only) returning the last logits and the filled cache; the decode loop is ONE jitted
+position only; a static ``cache_index`` so that attention runs in causal query blocks over the
+filled slots only) returning the last logits and the filled cache; the decode loop is ONE jitted
 function that draws the first token from those logits, then runs a ``jax.lax.while_loop`` (one
 token per iteration, ``T = 1`` model call on the cache, the cache donated and updated in place)
 that stops as soon as every row has produced a stop id. The model enters both as
@@ -46,19 +50,33 @@ new prompt length or batch size, shapes are bucketed:
 
 - batch ``B`` -> the next power of two, rounded up to a multiple of the mesh's batch shards
   (dummy rows are added, start "stopped" and are dropped from the result);
-- prompt length ``max(lengths)`` -> the next power of two, at least ``MIN_PROMPT_BUCKET``;
-- cache slots ``S`` = prompt bucket + ``max_new_tokens``, or ``max_len`` if given. Passing the
-  same ``max_len`` to every call makes the decode loop's shapes independent of the prompt
-  length (one decode compile for all prompt buckets); the prompt bucket is then capped at
-  ``max_len - max_new_tokens``.
+- prompt length ``max(lengths)`` -> ``bucket_len``: powers of two up to 32 (at least
+  ``MIN_PROMPT_BUCKET``), then four steps per doubling (at most 25 % padding);
+- cache slots ``S`` = ``bucket_len(prompt slots + max_new_tokens)``, or ``max_len`` if given.
+  Passing the same ``max_len`` to every call makes the decode loop's shapes independent of the
+  prompt length (one decode compile for all prompt buckets), but every decode step then reads
+  all ``max_len`` slots; the prompt bucket is capped at ``max_len - max_new_tokens``.
 
 The prefill compiles once per (model graph, batch bucket, prompt bucket, S, with/without
-embeds) and does not depend on the sampling settings; the decode loop once per (model graph,
-batch bucket, S, ``max_new_tokens``, greedy / ``top_k`` / top-p-on switches). ``temperature``
-and ``top_p`` values, ``stop_ids`` (padded to a power of two, at least ``MIN_STOP_BUCKET``),
-``pad_id`` and ``seed`` are traced values and never recompile. ``TRACE_COUNTS`` counts the
-traces of each (for tests). A model in train mode (LoRA dropout on) is a different graph, so
-call ``model.eval()`` first to share the eval-mode executables.
+embeds) and does not depend on the sampling settings (the shared-prefix prefill once per
+(groups bucket, prefix bucket, suffix bucket, batch bucket, S)); the decode loop once per
+(model graph, batch bucket, S, ``max_new_tokens``, greedy / ``top_k`` / top-p-on switches).
+``temperature`` and ``top_p`` values, ``stop_ids`` (padded to a power of two, at least
+``MIN_STOP_BUCKET``), ``pad_id`` and ``seed`` are traced values and never recompile.
+``TRACE_COUNTS`` counts the traces of each (for tests). A model in train mode (LoRA dropout on)
+is a different graph, so call ``model.eval()`` first to share the eval-mode executables.
+
+Shared prefixes
+---------------
+Evaluation asks several questions about one ECG, and a conversation's later turns repeat its
+earlier ones, so many prompts of a batch start with the same ids. With ``groups``,
+``share_plan`` finds each group's longest common prefix (cut so that every row keeps at least
+one id of its own) and ``_prefill_shared`` runs the prefixes once (one row per group, width
+``bucket_len(longest prefix)``), copies each group's cache rows to its members, then runs every
+row's own suffix on top (width ``bucket_len(longest suffix)``; cache slots: prefix part, then
+suffix part, the padding between them masked, RoPE positions continuing across the gap). The
+plan is used only when it computes under 0.8x the plain prefill's positions. The logits are
+the plain prefill's up to float summation order.
 
 Sharding: with ``mesh`` (or inside ``jax.set_mesh``, or else the mesh the model's parameters are
 sharded over) the batch is sharded over the data axes by the logical name ``batch``
