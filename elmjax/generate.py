@@ -155,14 +155,17 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def bucket_len(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
-    """A sequence-length bucket >= ``max(n, minimum)``: powers of two up to 32, then four steps
-    per octave (33..64 -> 40, 48, 56, 64; 257..512 -> 320, 384, 448, 512), so at most 25 %
-    padding (12 % on average) for 4 compiled shapes per doubling of the length."""
+def bucket_len(n: int, minimum: int = MIN_PROMPT_BUCKET, steps: int = 4) -> int:
+    """A sequence-length bucket >= ``max(n, minimum)``: powers of two up to 32, then ``steps``
+    (1, 2 or 4) equal steps per doubling. With 4: 33..64 -> 40, 48, 56, 64 and 257..512 ->
+    320, 384, 448, 512, so at most 25 % padding (12 % on average) for 4 compiled shapes per
+    doubling of the length; with 2: 384, 512, 768, ... (at most 50 %)."""
+    if steps not in (1, 2, 4):
+        raise ValueError(f"steps must be 1, 2 or 4, got {steps}")
     n = max(int(n), minimum, 1)
     if n <= 32:
         return bucket(n)
-    step = 1 << ((n - 1).bit_length() - 3)
+    step = 1 << ((n - 1).bit_length() - steps.bit_length())
     return -(-n // step) * step
 
 
@@ -616,7 +619,9 @@ def generate(
         plan = share_plan(tokens, lengths, groups, rows=bb, width=p, shards=shards)
         if plan is not None and max_len is not None and plan.slots + max_new_tokens > max_len:
             plan = None  # the two-part layout does not fit the fixed cache
-    cache_len = max_len or bucket_len((plan.slots if plan else p) + max_new_tokens)
+    # The prefills read only the slots they fill; decode steps read all S: two steps per
+    # doubling bound the decode compiles at the price of at most 50 % unread slots.
+    cache_len = max_len or bucket_len((plan.slots if plan else p) + max_new_tokens, steps=2)
 
     tokens = _pad_axis(_pad_axis(tokens, 1, p, pad_id), 0, bb, pad_id)
     lengths_b = np.concatenate([lengths, np.ones(bb - b, np.int32)])  # dummies: 1 pad token
