@@ -4,29 +4,34 @@ What is timed, per workload, batch by batch (below):
 
 * elmjax: ``elmjax.evaluate.generate_answers(model, prompts, stop_ids=..., pad_id=...,
   max_new_tokens=..., batch_size=...)``, the function ``python -m elmjax.evaluate`` runs for
-  every answer: prompts sorted shortest first, batches of ``batch_size``, each batch one jitted
-  prefill (prompt width rounded up to a power of two, >= 8; rows to a power of two) and one
-  compiled decode ``while_loop`` that ends when every row has produced a stop id or
-  ``max_new_tokens`` ids. Greedy. The timed call includes bringing the answers to the host.
+  every answer. Its batches come from ``evaluate.plan_batches``: prompts that share most of
+  their ids (the questions about one ECG) are batched together and each group's common prefix
+  is prefilled once (``generate.share_plan``); the prompts that share with none run shortest
+  first. Each batch: one jitted prefill (prompt widths in ``generate.bucket_len`` steps,
+  causal-blocked attention over the filled slots only), one compiled decode ``while_loop`` that
+  ends when every row has produced a stop id or ``max_new_tokens`` ids. Greedy. The timed call
+  includes bringing the answers to the host.
+* elmjax unshared: the same with ``share_prefixes=False`` (on the same batches).
 * transformers: ``LlamaForCausalLM.generate(input_ids, attention_mask=..., do_sample=False,
   max_new_tokens=..., eos_token_id=<the stop ids>, pad_token_id=...)`` under
   ``torch.inference_mode()``, float32, default (dynamic) cache and attention (sdpa), over the
-  same batches (same sorted order, same batch size), each batch left-padded to its longest
-  prompt with an attention mask (what batched generation in transformers requires).
-  ``generate`` too stops a batch once every row has produced a stop id. Its answers are cut at
-  their first stop id, as ``generate_answers`` cuts its own.
+  same batches (same order, same batch size), each batch left-padded to its longest prompt with
+  an attention mask (what batched generation in transformers requires). ``generate`` too stops
+  a batch once every row has produced a stop id. Its answers are cut at their first stop id,
+  as ``generate_answers`` cuts its own.
 
-Both sides hold the same float32 weights and see the same batches. Timing: batch after batch,
-elmjax and transformers run that batch back to back, in alternating order (elmjax first on
-even batches), so that the other jobs of a shared machine weigh on both sides alike; each
-side's time is the sum over the batches (``--runs`` repeats the pass; the median is kept). The
-elmjax side calls ``generate_answers`` on each batch's prompts, which forms exactly that batch
-(same shapes, same compiled functions as one call over all prompts). Rates are answers
-(= examples) per second of wall time, and per second of process CPU time.
+All sides hold the same float32 weights and see the same batches. Timing: batch after batch,
+the three sides run that batch back to back, in rotating order, so that the other jobs of a
+shared machine weigh on all alike; each side's time is the sum over the batches (``--runs``
+repeats the pass; the median is kept). The elmjax sides call ``generate_answers`` on each
+batch's prompts, which forms exactly that batch (same shapes, same compiled functions as one
+call over all prompts). Rates are answers (= examples) per second of wall time, and per second
+of process CPU time.
 
-Warm-up, not timed: elmjax compiles one prefill and one decode loop per (rows, prompt width)
-bucket; its first call on one batch of each shape is run first, and "compile" is that time
-minus the same batches' timed time. The timed calls must not trace again (checked with
+Cold, not in the rates above: first, in the fresh process, one ``generate_answers`` call over
+all prompts, compiles included (what a first evaluation pays; a later process with the
+persistent compilation cache of the command-line tools loads most of them instead). Then the
+unshared side's warm-up. The timed calls must not trace again (checked with
 ``elmjax.generate.TRACE_COUNTS``, printed). transformers runs the first batch once per thread
 count. Threads: when another job holds one of the 2 cores, torch's two OpenMP threads wait for
 each other at every small op (measured here: 15 decode steps of a 4-layer model took 10 s with
@@ -34,39 +39,42 @@ each other at every small op (measured here: 15 decode steps of a 4-layer model 
 torch's default count, and only the faster counts (its best case; ``--torch-threads N`` fixes
 N); XLA's own thread pool has no such setting to sweep, and elmjax runs each batch once.
 
-The greedy answers of both are compared answer by answer and position by position (reported,
-not asserted: float32 summation order differs, and random weights make near-ties). Also
-printed: the prompt positions each side's prefills compute, padding included (elmjax's
-power-of-two buckets against transformers' padding to the longest prompt of the batch), the
-decode steps, and how many answers stopped.
+The greedy answers are compared answer by answer and position by position, elmjax against
+transformers and shared against unshared (reported, not asserted: float32 summation order
+differs, and random weights make near-ties). Also printed: the prompt positions each side's
+prefills compute, padding included (elmjax's buckets and shared prefixes against
+transformers' padding to the longest prompt of the batch), the decode steps, and how many
+answers stopped.
 
 Workloads:
 
 1. ``random``: a Llama shaped like SmolLM2-135M (hidden 576, 9 heads, 3 kv heads,
    intermediate 1536, vocab 49152, tied) but with ``--layers`` layers (default 4, so that the
-   whole script runs in about 3 minutes on 2 CPU cores; the real depth is 30), random weights
+   whole script runs in a few minutes on 2 CPU cores; the real depth is 30), random weights
    (transformers' init, seed 0), saved with ``save_pretrained`` and loaded into elmjax with
    ``elmjax.models.hf.load_hf``. ``--prompts`` (128) prompts of random ids, lengths uniform in
    ``--prompt-len`` (200..500 tokens: a symbolic ECG-QA prompt), ``--max-new-tokens`` 16.
-   **No stop id is ever hit: every answer is 16 ids, the worst case.** A randomly initialised
-   Llama repeats one id: its first greedy id, then (mostly) the same id again, each row its
-   own id. So the most frequent id at answer position 4 (the pilot rule for picking a stop id)
-   occurs in one or two answers out of hundreds (the script prints it): no stop id makes
-   a random model's answers end after a few ids, and a batch runs until its last row stops.
+   **No stop id is ever hit: every answer is 16 ids, the worst case; and no two prompts share
+   a prefix, so nothing is shared.** A randomly initialised Llama repeats one id: its first
+   greedy id, then (mostly) the same id again, each row its own id. So the most frequent id at
+   answer position 4 (the pilot rule for picking a stop id) occurs in one or two answers out of
+   hundreds (the script prints it): no stop id makes a random model's answers end after a few
+   ids, and a batch runs until its last row stops.
 2. ``demo`` (when ``--demo-run`` holds a trained run, by default ``runs/ecgbyte_1024_demo``
    from ``make demo``): the real workload at a tiny size. The trained checkpoint (3 layers,
    width 128, vocabulary 1427 with the ECG tokens), loaded as ``python -m elmjax.evaluate``
    loads it (``elmjax.train.load_trained``), for elmjax; its ``export_hf`` float32 export for
-   transformers. ``--demo-limit`` (256) answers of the prepared test split, evenly spaced,
-   with ``evaluate.predict``'s prompts (ECG-Byte ids, question; 84..510 tokens), the run's own
-   stop id (end of turn) and pad id: real answers with real early stops (1..5 ids).
+   transformers. The whole prepared test split by default (1,258 questions about 392 ECGs,
+   ``evaluate.predict``'s prompts: ECG-Byte ids, question; 84..510 tokens), the run's own stop
+   id (end of turn) and pad id: real answers with real early stops (1..5 ids).
+   ``--demo-limit N`` keeps N answers evenly spaced over the split (fewer questions per ECG).
 
 ``--breakdown`` also times the last (longest) batch of each workload with
 ``max_new_tokens=1`` (the prefill and the first id) against the full answer length.
 
 Usage::
 
-    python benchmarks/evaluate.py                  # both workloads (about 3 minutes, 2 cores)
+    python benchmarks/evaluate.py                  # both workloads (about 4 minutes, 2 cores)
     python benchmarks/evaluate.py --prompts 256 --runs 3 --breakdown
     python benchmarks/evaluate.py --layers 30 --prompts 64    # the SmolLM2-135M depth (slow)
     python benchmarks/evaluate.py --small          # smoke run (tiny shapes, seconds)
@@ -191,7 +199,7 @@ def prefill_positions(w: Workload) -> tuple[int, int, int]:
     for batch in evaluate.plan_batches(w.prompts, w.batch_size):
         rows = [w.prompts[i] for i in batch.rows]
         lengths = np.array([len(p) for p in rows], np.int32)
-        bb, p = generate.bucket(len(rows)), generate.bucket_len(lengths.max())
+        bb, p = generate.bucket_rows(len(rows)), generate.bucket_len(lengths.max())
         tokens = np.zeros((len(rows), lengths.max()), np.int32)
         for j, row in enumerate(rows):
             tokens[j, : len(row)] = row

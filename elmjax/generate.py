@@ -48,8 +48,9 @@ Compilation cache and buckets: the jitted functions are module-level ``jax.jit``
 executables are cached per (graphdef, shapes, static settings). To avoid a compile for every
 new prompt length or batch size, shapes are bucketed:
 
-- batch ``B`` -> the next power of two, rounded up to a multiple of the mesh's batch shards
-  (dummy rows are added, start "stopped" and are dropped from the result);
+- batch ``B`` (and the shared-prefix groups) -> ``bucket_rows``: powers of two up to 8, then
+  two steps per doubling, rounded up to a multiple of the mesh's batch shards (dummy rows are
+  added, start "stopped" and are dropped from the result);
 - prompt length ``max(lengths)`` -> ``bucket_len``: powers of two up to 32 (at least
   ``MIN_PROMPT_BUCKET``), then four steps per doubling (at most 25 % padding);
 - cache slots ``S`` = ``bucket_len(prompt slots + max_new_tokens)``, or ``max_len`` if given.
@@ -153,6 +154,16 @@ def bucket(n: int, minimum: int = 1) -> int:
     """The next power of two >= ``max(n, minimum)``."""
     n = max(int(n), minimum, 1)
     return 1 << (n - 1).bit_length()
+
+
+def bucket_rows(n: int) -> int:
+    """A row-count bucket >= ``n``: powers of two up to 8, then two steps per doubling (12, 16,
+    24, 32, 48, ...): at most a third of the rows are padding."""
+    n = max(int(n), 1)
+    if n <= 8:
+        return bucket(n)
+    step = 1 << ((n - 1).bit_length() - 2)
+    return -(-n // step) * step
 
 
 def bucket_len(n: int, minimum: int = MIN_PROMPT_BUCKET, steps: int = 4) -> int:
@@ -539,7 +550,7 @@ def share_plan(
     np.minimum.at(prefix, group, np.minimum(common, lengths - 1))
     prefix_width = bucket_len(int(prefix.max()))
     suffix_width = bucket_len(int((lengths - prefix[group]).max()))
-    g = -(-bucket(first.size) // shards) * shards
+    g = -(-bucket_rows(first.size) // shards) * shards
     if g * prefix_width + rows * suffix_width >= max_ratio * rows * width:
         return None
     pad = g - first.size
@@ -613,7 +624,7 @@ def generate(
     if mesh is None and jax.sharding.get_abstract_mesh().empty:
         mesh = _model_mesh(model)  # a model sharded over a mesh generates on that mesh
     shards = _batch_shards(mesh)
-    bb = -(-bucket(b) // shards) * shards  # a whole number of rows per data shard
+    bb = -(-bucket_rows(b) // shards) * shards  # a whole number of rows per data shard
     plan = None
     if groups is not None:
         plan = share_plan(tokens, lengths, groups, rows=bb, width=p, shards=shards)

@@ -383,6 +383,17 @@ def test_share_plan_prefixes_and_when_it_declines():
 
 
 def test_bucket_len_steps():
+    assert [gen.bucket_rows(n) for n in (1, 3, 8, 9, 12, 13, 17, 25, 33)] == [
+        1,
+        4,
+        8,
+        12,
+        12,
+        16,
+        24,
+        32,
+        48,
+    ]
     assert [gen.bucket_len(n) for n in (1, 8, 9, 17, 32)] == [8, 8, 16, 32, 32]
     assert [gen.bucket_len(n) for n in (33, 41, 64, 65, 129, 200, 257, 300, 512)] == [
         40,
