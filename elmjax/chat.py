@@ -787,6 +787,7 @@ def main(argv: Sequence[str]) -> None:
         top_p=_TOP_P.value,
         seed=_SEED.value,
     )
+    train.enable_compilation_cache()
     try:
         chat(opts)
     except (ChatError, io.ECGReadError) as e:

@@ -641,6 +641,9 @@ def main(argv: Sequence[str]) -> None:
     if _SWEEP.value is None:
         raise app.UsageError("--sweep=configs/sweeps/X.py[:arg] is required")
     only = [x for x in _ONLY.value.split(",") if x]
+    from elmjax.train import enable_compilation_cache  # noqa: PLC0415
+
+    enable_compilation_cache()
     try:
         path = run_study(
             _SWEEP.value,

@@ -173,3 +173,31 @@ def test_config_errors_come_before_compiling(tmp_path, change, message):
     with pytest.raises(train.ConfigError, match=message):
         train.train(cfg, tmp_path / "never")
     assert not (tmp_path / "never" / "shards").exists()
+
+
+def test_compilation_cache_setting(tmp_path):
+    """``enable_compilation_cache``: the env directory, ``off``, and JAX's own setting kept."""
+    code = (
+        "import jax\n"
+        "from elmjax.train import enable_compilation_cache\n"
+        "print(enable_compilation_cache(), jax.config.jax_compilation_cache_dir,\n"
+        "      jax.config.jax_persistent_cache_min_compile_time_secs)\n"
+    )
+
+    def run(**env):
+        base = {k: v for k, v in __import__("os").environ.items() if "COMPILATION_CACHE" not in k}
+        p = subprocess.run(
+            [sys.executable, "-c", code],
+            env=base | env | {"JAX_PLATFORMS": "cpu"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout.splitlines()[0]
+
+    cache, own = tmp_path / "cache", tmp_path / "jax"
+    assert run(ELMJAX_COMPILATION_CACHE=str(cache)) == f"{cache} {cache} 0.2"
+    assert run(ELMJAX_COMPILATION_CACHE="off") == "None None 1.0"
+    assert run(JAX_COMPILATION_CACHE_DIR=str(own)) == f"{own} {own} 1.0"
+    assert run().startswith(f"{train.COMPILATION_CACHE} ")
