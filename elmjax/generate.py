@@ -630,9 +630,8 @@ def generate(
         plan = share_plan(tokens, lengths, groups, rows=bb, width=p, shards=shards)
         if plan is not None and max_len is not None and plan.slots + max_new_tokens > max_len:
             plan = None  # the two-part layout does not fit the fixed cache
-    # The prefills read only the slots they fill; decode steps read all S: two steps per
-    # doubling bound the decode compiles at the price of at most 50 % unread slots.
-    cache_len = max_len or bucket_len((plan.slots if plan else p) + max_new_tokens, steps=2)
+    # The prefills read only the slots they fill; every decode step reads all S.
+    cache_len = max_len or bucket_len((plan.slots if plan else p) + max_new_tokens)
 
     tokens = _pad_axis(_pad_axis(tokens, 1, p, pad_id), 0, bb, pad_id)
     lengths_b = np.concatenate([lengths, np.ones(bb - b, np.int32)])  # dummies: 1 pad token
