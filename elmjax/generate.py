@@ -658,25 +658,12 @@ def generate(
         key=jax.random.key(seed),
     )
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        prompt = (state, tokens, lengths_b, embeds, embed_mask, traced["pad_id"])
         if plan is None:
-            logits, cache = _prefill(
-                state,
-                tokens,
-                lengths_b,
-                embeds,
-                embed_mask,
-                traced["pad_id"],
-                graphdef=graphdef,
-                cache_len=cache_len,
-            )
+            logits, cache = _prefill(*prompt, graphdef=graphdef, cache_len=cache_len)
         else:
             logits, cache = _prefill_shared(
-                state,
-                tokens,
-                lengths_b,
-                embeds,
-                embed_mask,
-                traced["pad_id"],
+                *prompt,
                 plan.first,
                 plan.prefix_lengths,
                 plan.group,

@@ -296,26 +296,16 @@ def test_two_process_evaluation_matches_one(prepared, tmp_path):
     4-device mesh, every process generating every answer, process 0 writing) writes the same
     predictions and metrics as one process on one device."""
     run = new_run(prepared, "evaluated")
-    train = subprocess.run(
-        train_cli(prepared, run, "train.steps=2"),
-        env=env(prepared),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
+
+    def ok(cmd: list[str], environ: dict[str, str]) -> str:
+        p = subprocess.run(cmd, env=environ, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout
+
+    ok(train_cli(prepared, run, "train.steps=2"), env(prepared))
     args = ["--limit=6", "--max_new_tokens=4", "--ablate=zeros", "--seeds=0,1"]
     args += ["--temperature=1.0", "--bertscore=false"]  # sampling: per-row seeded draws
-    one = subprocess.run(
-        [sys.executable, "-m", "elmjax.evaluate", f"--workdir={run}", *args],
-        env=env(prepared),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+    ok([sys.executable, "-m", "elmjax.evaluate", f"--workdir={run}", *args], env(prepared))
     shutil.move(run / "eval", tmp_path / "one")
 
     cmd = ["launch/local_multiprocess.sh", "2", str(prepared / "tiny.py"), f"--workdir={run}"]
