@@ -1,26 +1,28 @@
-"""Answer accuracy of a trained ELM on a prepared split, with and without the ECG.
+"""Evaluation of a trained run: generated answers, metrics, ECG-utilisation and robustness.
 
-    python -m elmjax.evaluate --config=configs/ecgbyte_1024.py:demo [--workdir=DIR]
-        [--split=test] [--limit=N] [--step=S]
+    python -m elmjax.evaluate --workdir=RUN [--config=configs/X.py[:arg]] [--split=test]
+        [--seeds=0,1,2] [--ablate=zeros,shuffled,text_only] [--perturb=noise:snr=10,...]
+        [--temperature=T --top_p=P] [--max_new_tokens=N] [--limit=N] [--step=S]
+        [--paper_compat] [--nobertscore | --bertscore_model=DIR]
 
-evaluates a run directory's last checkpoint (or ``--step``) and writes
-``WORKDIR/eval/<split>/metrics.json`` and ``accuracy.png`` (accuracy per finding, with and
-without the ECG). Training runs the same evaluation at its end when ``eval.after_training``.
+loads the run's checkpoint (``train.load_trained``) and, for every condition (the real ECG,
+each ablation, each perturbation) and seed, generates every answer of the split
+(:func:`predict` -> :func:`generate_answers`), scores them (``elmjax.metrics``) and writes
+``RUN/eval/<split>/predictions.jsonl``, ``metrics.json`` and ``accuracy.png``
+(:func:`evaluate_run`; training runs it at its end when ``eval.after_training``). The prompt
+of an answer is the prepared example up to it (``input_ids[:answer_start]``), so evaluation
+sees exactly what training saw; a changed ECG is re-encoded through ``elmjax.inputs``.
 
-Greedy decoding reproduces a reference answer exactly if and only if, at every answer position,
-the model's most likely next token given the *reference* prefix is the reference token (by
-induction over the answer: each greedy step then sees the same prefix as the reference). So the
-exact-match accuracy of greedy generation is computed here with ONE forward pass per example,
-teacher-forced, instead of an autoregressive loop: the same number, exactly, at a fraction of
-the cost. The answer's end-of-turn token is part of the check, so an answer that would run on
-counts as wrong, as it would in generation.
+Generation (:func:`generate_answers`): batches from :func:`plan_batches`, where the questions
+about one ECG (prompts that share most of their ids, and an ELM's ECG input) run together and
+``elmjax.generate`` prefills their common prefix once. On several processes
+(``jax.distributed``, as in training) every process generates every answer on the model's mesh
+and process 0 writes the files.
 
-Prompts are the prepared examples themselves (``input_ids[:answer_start]``), so evaluation sees
-exactly what training saw, ECG truncation included.
-
-``without_ecg``: the same questions with the ECG ids removed from the prompt (the ``<ecg>``
-``</ecg>`` markers stay, empty). A model that reads the ECG falls to chance there; one that has
-learnt only the answer priors of the text does not.
+:func:`exact_match` is the teacher-forced shortcut for greedy exact-match accuracy: greedy
+decoding reproduces a reference answer exactly if and only if, at every answer position, the
+model's most likely next token given the reference prefix is the reference token, so one
+forward pass per example gives the same number (the answer's end-of-turn token included).
 """
 
 from __future__ import annotations
