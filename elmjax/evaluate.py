@@ -188,7 +188,6 @@ def generate_answers(
     seed: int = 0,
     batch_size: int = 32,
     share_prefixes: bool = True,
-    max_len: int | None = None,
     progress: bool = True,
     desc: str = "generate",
 ) -> list[np.ndarray]:
@@ -203,9 +202,7 @@ def generate_answers(
     common prefix is computed once per batch (the questions asked about one ECG); the answers
     are the same as without (up to float summation order). Sampling draws depend on ``seed``,
     the batch size and the batches (batch ``k`` uses seed ``seed * 1_000_003 + k``); greedy
-    (``sampling`` None, the default) does not. ``max_len``: a fixed KV cache size for every
-    batch (one decode compile per batch bucket, but every decode step reads all of its slots);
-    by default each batch's cache is its prompt bucket plus ``max_new_tokens``, bucketed.
+    (``sampling`` None, the default) does not.
     """
     if ecgs is not None and len(ecgs) != len(prompts):
         raise ValueError(f"{len(ecgs)} ECG inputs for {len(prompts)} prompts")
@@ -243,7 +240,6 @@ def generate_answers(
             sampling=sampling or generate.Sampling(),
             seed=seed * 1_000_003 + k,
             groups=groups,
-            max_len=max_len,
             **kwargs,
         )
         tokens_out, n_out, stopped = (np.asarray(a) for a in g)

@@ -166,17 +166,14 @@ def bucket_rows(n: int) -> int:
     return -(-n // step) * step
 
 
-def bucket_len(n: int, minimum: int = MIN_PROMPT_BUCKET, steps: int = 4) -> int:
-    """A sequence-length bucket >= ``max(n, minimum)``: powers of two up to 32, then ``steps``
-    (1, 2 or 4) equal steps per doubling. With 4: 33..64 -> 40, 48, 56, 64 and 257..512 ->
-    320, 384, 448, 512, so at most 25 % padding (12 % on average) for 4 compiled shapes per
-    doubling of the length; with 2: 384, 512, 768, ... (at most 50 %)."""
-    if steps not in (1, 2, 4):
-        raise ValueError(f"steps must be 1, 2 or 4, got {steps}")
+def bucket_len(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+    """A sequence-length bucket >= ``max(n, minimum)``: powers of two up to 32, then four steps
+    per doubling (33..64 -> 40, 48, 56, 64; 257..512 -> 320, 384, 448, 512), so at most 25 %
+    padding (12 % on average) for 4 compiled shapes per doubling of the length."""
     n = max(int(n), minimum, 1)
     if n <= 32:
         return bucket(n)
-    step = 1 << ((n - 1).bit_length() - steps.bit_length())
+    step = 1 << ((n - 1).bit_length() - 3)
     return -(-n // step) * step
 
 

@@ -382,7 +382,7 @@ def test_share_plan_prefixes_and_when_it_declines():
         gen.share_plan(tokens, lengths, [0, 0, 1], rows=4, width=8)
 
 
-def test_bucket_len_steps():
+def test_bucket_rows_and_bucket_len_steps():
     assert [gen.bucket_rows(n) for n in (1, 3, 8, 9, 12, 13, 17, 25, 33)] == [
         1,
         4,
@@ -407,17 +407,6 @@ def test_bucket_len_steps():
         512,
     ]
     assert gen.bucket_len(1025) == 1280 and gen.bucket_len(3, minimum=1) == 4
-    assert [gen.bucket_len(n, steps=2) for n in (33, 49, 129, 200, 257, 385)] == [
-        48,
-        64,
-        192,
-        256,
-        384,
-        512,
-    ]
-    assert [gen.bucket_len(n, steps=1) for n in (33, 200, 257)] == [64, 256, 512]
-    with pytest.raises(ValueError, match="steps must be 1, 2 or 4"):
-        gen.bucket_len(40, steps=3)
     n = np.arange(33, 5000)
     waste = np.array([gen.bucket_len(int(k)) for k in n]) / n - 1
     assert waste.max() <= 0.25 and waste.min() == 0.0
